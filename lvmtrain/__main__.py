@@ -1,0 +1,5 @@
+import sys
+
+from lvmtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""The typed configuration of a run.
+
+Every field has a docstring right under it: `lvmtrain config docs` turns them into the config
+reference in README.md, so the documentation is the schema. Defaults < YAML file < dotted CLI
+overrides; the loader (`config/loader.py`) refuses unknown keys and wrong types, and
+`TrainConfig.validate()` holds every cross-field check in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot start with. The message names the key and what to do."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Name of the run; its directory is `log.dir/run.name/`."""
+    overwrite: bool = False
+    """Start from scratch even if `log.dir/run.name/` holds a finished or older run (its
+    checkpoints are deleted). Without it, an existing run directory is resumed or refused."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip_debug"
+    """Preset name (`lvmtrain models` lists them): vit_debug, vit_ti16, vit_s16, vit_b32, vit_b16,
+    vit_l14, vit_h14, vit_g14, clip_debug, clip_b32, clip_b16, clip_l14, clip_h14. A `vit_*` preset
+    trains a classifier, a `clip_*` preset a contrastive image-text model."""
+    image_size: int | None = None
+    """Input resolution in pixels; null keeps the preset's. Must be divisible by the patch size."""
+    num_classes: int | None = None
+    """Classifier outputs for `vit_*` presets; null keeps the preset's."""
+    global_pool: Literal["token", "avg"] | None = None
+    """ViT pooling: the class token or the mean of patch tokens; null keeps the preset's."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate (linearly increasing over blocks)."""
+    context_length: int | None = None
+    """Text context length in tokens for `clip_*` presets (null: 77, CLIP's). Shorter captions
+    train faster; longer ones are truncated keeping the end-of-text token."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shards: a brace-expanded spec such as `/data/laion/{00000..00099}.tar`; several
+    specs joined with `::`."""
+    val: str = ""
+    """Evaluation shards (same syntax); empty disables evaluation."""
+    batch_size: int = 32
+    """Samples per rank per micro-step. Global batch = batch_size x world size x grad_accum_steps."""
+    workers: int = 2
+    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    image_key: str = "jpg;png;jpeg;webp"
+    """Extensions tried in order for a sample's image, separated by `;`."""
+    caption_key: str = "txt"
+    """Extension holding the caption (CLIP)."""
+    label_key: str = "cls"
+    """Extension holding the integer class label (classification, zero-shot evaluation)."""
+    shuffle_block: int = 64
+    """Consecutive samples of a shard kept together in the epoch's order (read locality)."""
+    shuffle_window: int = 4
+    """Number of blocks whose samples are shuffled together after the block permutation."""
+    crop_scale_min: float = 0.9
+    """Lower bound of RandomResizedCrop's area scale for training images (1.0: resize only)."""
+    hflip: bool = True
+    """Random horizontal flips for training images."""
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """Per-channel normalisation mean (CLIP's by default)."""
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """Per-channel normalisation standard deviation (CLIP's by default)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; never applied to norms, biases, position embeddings, the
+    class token or logit_scale."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to `lr`, in optimizer steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the classification loss."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """Data-parallel engine. A single process needs no wrapper and runs the model as is."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (1, 2 or 3) when backend=deepspeed."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: auto picks nccl on CUDA, gloo on CPU."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Device: auto uses CUDA when available."""
+    ddp_bucket_mb: int = 25
+    """DDP gradient bucket size in MiB."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end of training)."""
+    keep: int = 3
+    """Number of most recent checkpoints kept on disk."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of this run if there is one;
+    none: start fresh; or a path to a checkpoint directory."""
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs"
+    """Root of run directories."""
+    every: int = 10
+    """Log metrics every N optimizer steps."""
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    """Weights & Biases mode; W&B failing never stops training."""
+    wandb_project: str = "lvmtrain"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); null: your default."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N optimizer steps (0: only at the end of training)."""
+    batch_size: int = 256
+    """Evaluation batch size per rank."""
+    class_names: list[str] = field(default_factory=list)
+    """Class names, indexed by label, for CLIP zero-shot classification."""
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    """Zero-shot prompt templates; `{}` is replaced by the class name, embeddings are averaged."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0
+    """Optimizer steps to train; 0 means use `train.epochs`."""
+    epochs: float = 0.0
+    """Epochs over `data.train` (may be fractional) when `train.steps` is 0."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation; the same seed gives the same run."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype for forward/backward (weights and optimizer stay fp32). bf16 is fast on
+    recent GPUs and very slow on CPUs without bf16 units."""
+    threads: int = 0
+    """torch intra-op threads per rank on CPU (0: cores / local ranks)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Every check that spans fields, in one place; raises ConfigError naming the key."""
+        from lvmtrain.models.registry import list_presets, model_family
+
+        if self.model.name not in list_presets():
+            import difflib
+
+            near = difflib.get_close_matches(self.model.name, list_presets(), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"model.name: unknown preset '{self.model.name}'{hint}")
+        family = model_family(self.model.name)
+        if not self.data.train:
+            raise ConfigError("data.train: no training shards given (e.g. data.train=/data/{000..009}.tar)")
+        if self.train.steps <= 0 and self.train.epochs <= 0:
+            raise ConfigError("train.steps / train.epochs: set one of them to a positive value")
+        _positive(self, "data.batch_size", "train.grad_accum_steps", "log.every", "eval.batch_size",
+                  "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
+        if self.data.workers < 0:
+            raise ConfigError("data.workers: must be >= 0")
+        if not 0 < self.data.crop_scale_min <= 1:
+            raise ConfigError("data.crop_scale_min: must be in (0, 1]")
+        if len(self.data.mean) != 3 or len(self.data.std) != 3:
+            raise ConfigError("data.mean / data.std: give three values (R, G, B)")
+        if len(self.optim.betas) != 2:
+            raise ConfigError("optim.betas: give two values [beta1, beta2]")
+        if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
+            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+        if family == "vit" and self.model.context_length is not None:
+            raise ConfigError("model.context_length: only CLIP presets have a text tower")
+        if family == "clip" and self.model.num_classes is not None:
+            raise ConfigError("model.num_classes: CLIP presets have no classifier head")
+        if family == "clip" and self.data.val and not self.eval.class_names:
+            raise ConfigError("eval.class_names: CLIP zero-shot evaluation of data.val needs the class names")
+        if self.parallel.backend != "ddp":
+            # NOTE: refused up front rather than half-wired; the FSDP2 / DeepSpeed strategies land
+            # with the distributed-engines work.
+            raise ConfigError(
+                f"parallel.backend: '{self.parallel.backend}' is not available in this version; use ddp")
+        if self.checkpoint.resume not in ("auto", "none") and not self.checkpoint.resume:
+            raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key}: must be > 0")

@@ -1,0 +1,182 @@
+"""Indexed WebDataset shards -> decoded, transformed batches for one rank.
+
+Micro-batch i of this rank is built by DataLoader worker i % workers; the DataLoader hands worker
+outputs back round-robin, so batches arrive in order and the stream is the same for any worker
+count. Each training batch carries the cursor *after* it, so the trainer always knows the exact
+data position of the step it just took, whatever the prefetch depth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order
+from lvmtrain.data.transforms import ImageTransform, decode_rgb
+
+
+@dataclass
+class Fields:
+    """Which extensions of a sample hold the image, caption and label."""
+
+    image: list[str]
+    caption: str | None
+    label: str | None
+
+
+class _Reader:
+    """Reads a sample's files by byte offset, keeping a few shards open per worker."""
+
+    def __init__(self, shards: ShardSet, max_open: int = 8):
+        self.shards = shards
+        self.max_open = max_open
+        self.files: OrderedDict[int, object] = OrderedDict()
+
+    def read(self, shard: int, sample: Sample, ext: str) -> bytes:
+        f = self.files.pop(shard, None)
+        if f is None:
+            path = self.shards.urls[shard]
+            f = open(path[5:] if path.startswith("file:") else path, "rb")
+            if len(self.files) >= self.max_open:
+                self.files.popitem(last=False)[1].close()
+        self.files[shard] = f
+        offset, size = sample.files[ext]
+        f.seek(offset)
+        return f.read(size)
+
+
+class _SampleDecoder:
+    def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform, tokenizer=None):
+        self.shards = shards
+        self.fields = fields
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.reader: _Reader | None = None
+
+    def __call__(self, index: int, rng: np.random.Generator | None) -> dict:
+        if self.reader is None:
+            self.reader = _Reader(self.shards)
+        shard, sample = self.shards.locate(index)
+        where = f"shard {self.shards.urls[shard]}, sample '{sample.key}'"
+        ext = next((e for e in self.fields.image if e in sample.files), None)
+        if ext is None:
+            raise DataError(f"{where}: no image (looked for {', '.join(self.fields.image)}); set data.image_key")
+        try:
+            out = {"image": self.transform(decode_rgb(self.reader.read(shard, sample, ext)), rng)}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{where}: cannot decode .{ext} ({e})") from None
+        if self.fields.caption:
+            if self.fields.caption not in sample.files:
+                raise DataError(f"{where}: no .{self.fields.caption} caption; set data.caption_key")
+            out["text"] = self.reader.read(shard, sample, self.fields.caption).decode("utf-8", "replace")
+        if self.fields.label:
+            if self.fields.label not in sample.files:
+                raise DataError(f"{where}: no .{self.fields.label} label; set data.label_key")
+            out["label"] = int(json.loads(self.reader.read(shard, sample, self.fields.label)))
+        out["key"] = sample.key
+        return out
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = {"image": torch.stack([s["image"] for s in samples]), "keys": [s["key"] for s in samples]}
+        if "text" in samples[0]:
+            batch["text"] = self.tokenizer([s["text"] for s in samples])
+        if "label" in samples[0]:
+            batch["label"] = torch.tensor([s["label"] for s in samples])
+        return batch
+
+
+class TrainBatches(IterableDataset):
+    """This rank's micro-batches from `start` on, epoch after epoch, without end.
+
+    Optimizer step t of an epoch consumes the slice [t*G, (t+1)*G) of the epoch's order, where
+    G = batch_size * world * accum; micro-step m on rank r takes the b = batch_size samples at
+    t*G + (m*world + r)*b. The last partial global batch of an epoch (fewer than G samples) is
+    dropped, so every rank gets the same number of batches.
+    """
+
+    def __init__(self, decoder: _SampleDecoder, *, rank: int, world: int, batch_size: int, accum: int,
+                 seed: int, start: Cursor, block: int, window: int):
+        self.decoder = decoder
+        self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum
+        self.seed, self.start, self.block, self.window = seed, start, block, window
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world * self.accum
+
+    def steps_per_epoch(self) -> int:
+        return len(self.decoder.shards) // self.global_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        n, g, b = len(self.decoder.shards), self.global_batch, self.batch_size
+        epoch, consumed, micro = self.start.epoch, self.start.consumed, 0
+        while True:
+            if n - consumed < g:
+                epoch, consumed = epoch + 1, 0
+                continue
+            order = epoch_order(n, seed=self.seed, epoch=epoch, block=self.block, window=self.window)
+            while n - consumed >= g:
+                for m in range(self.accum):
+                    if micro % workers == worker:
+                        lo = consumed + (m * self.world + self.rank) * b
+                        samples = [self.decoder(int(i), np.random.default_rng([self.seed, epoch, int(i)]))
+                                   for i in order[lo:lo + b]]
+                        batch = self.decoder.collate(samples)
+                        batch["cursor"] = [epoch, consumed + g]
+                        yield batch
+                    micro += 1
+                consumed += g
+
+
+class EvalBatches(IterableDataset):
+    """Every sample once, in shard order; rank r takes the r-th contiguous share."""
+
+    def __init__(self, decoder: _SampleDecoder, *, rank: int, world: int, batch_size: int):
+        n = len(decoder.shards)
+        self.decoder = decoder
+        self.lo, self.hi = n * rank // world, n * (rank + 1) // world
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, lo in enumerate(range(self.lo, self.hi, self.batch_size)):
+            if i % workers == worker:
+                hi = min(lo + self.batch_size, self.hi)
+                yield self.decoder.collate([self.decoder(j, None) for j in range(lo, hi)])
+
+
+def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) -> _SampleDecoder:
+    """Captions for CLIP training (a tokenizer is given), labels for everything else."""
+    fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if tokenizer else None,
+                    label=None if tokenizer else cfg.label_key)
+    transform = ImageTransform(image_size, train=train, mean=cfg.mean, std=cfg.std,
+                               scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
+    return _SampleDecoder(shards, fields, transform, tokenizer)
+
+
+def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, tokenizer, accum: int, seed: int,
+                       start: Cursor) -> DataLoader:
+    """This rank's training micro-batches from cursor `start` (cfg: DataConfig)."""
+    dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer),
+                           rank=dims.rank, world=dims.world, batch_size=cfg.batch_size, accum=accum,
+                           seed=seed, start=start, block=cfg.shuffle_block, window=cfg.shuffle_window)
+    return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
+
+
+def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_size: int) -> DataLoader:
+    dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, tokenizer=None),
+                          rank=dims.rank, world=dims.world, batch_size=batch_size)
+    return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")

@@ -1,0 +1,45 @@
+"""CLIP's symmetric InfoNCE loss, with features gathered across ranks.
+
+Each rank scores its own images and texts against the whole global batch (all-gathered with
+gradients, as open_clip's `gather_with_grad` + `local_loss`). The mean over ranks of these local
+losses is exactly the single-process loss on the global batch, and with DDP's gradient averaging
+so is the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank, in rank order; gradients flow back to each rank's shard."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    all_images = gather_with_grad(image_features)
+    all_texts = gather_with_grad(text_features)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    n = image_features.shape[0]
+    labels = torch.arange(rank * n, (rank + 1) * n, device=image_features.device)
+    logits_per_image = logit_scale * image_features @ all_texts.T
+    logits_per_text = logit_scale * text_features @ all_images.T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class ContrastiveTask:
+    """batch {"image", "text"} -> {"loss", "logit_scale"}."""
+
+    inputs = ("image", "text")
+
+    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        out = model(batch["image"], batch["text"])
+        # NOTE: the similarity matrix is computed in fp32 even under autocast: bf16 logits over a
+        # large global batch lose the small differences InfoNCE learns from.
+        loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}

@@ -1,0 +1,94 @@
+"""Config loading: defaults < YAML < overrides, strict keys and types, errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lvmtrain.config import ConfigError, load_config
+from lvmtrain.config.loader import config_reference_markdown
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+BASE = {"data": {"train": "/x/{0..1}.tar"}, "train": {"steps": 5}}
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = write(tmp_path, {**BASE, "optim": {"lr": 1e-3, "warmup_steps": 7}})
+    cfg = load_config(path, ["optim.lr=3e-4", "data.batch_size=64", "eval.class_names=[a, b]"])
+    assert cfg.optim.lr == 3e-4          # override beats the file
+    assert cfg.optim.warmup_steps == 7   # file beats the default
+    assert cfg.optim.weight_decay == 0.1  # default
+    assert cfg.data.batch_size == 64 and cfg.eval.class_names == ["a", "b"]
+
+
+def test_int_to_float_and_scientific_strings(tmp_path):
+    cfg = load_config(write(tmp_path, {**BASE, "optim": {"lr": "5e-4", "min_lr": 0}}))
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.min_lr, float)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", ["optim.lrr", "optim.lr"]),
+    ("optim.lr=fast", ["optim.lr", "a number", "fast"]),
+    ("data.batch_size=2.5", ["data.batch_size", "an integer"]),
+    ("train.precision=fp8", ["train.precision", "fp32"]),
+    ("modle.name=x", ["modle", "model"]),
+    ("model.name=vit_b61", ["vit_b16"]),
+    ("data.workers=true", ["data.workers"]),
+    ("optim=1", ["optim", "section"]),
+])
+def test_errors_name_the_key_and_the_fix(tmp_path, override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = write(tmp_path, {**BASE, "optim": {"weight_decy": 0.1}})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*optim\.weight_decy.*optim\.weight_decay"):
+        load_config(path)
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(write(tmp_path, {"data": {"train": "/x.tar"}}))
+    with pytest.raises(ConfigError, match="eval.class_names"):
+        load_config(write(tmp_path, {**BASE, "data": {"train": "/x.tar", "val": "/y.tar"}}))
+    with pytest.raises(ConfigError, match="context_length"):
+        load_config(write(tmp_path, BASE), ["model.name=vit_debug", "model.context_length=8"])
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["configs/debug/clip.yaml", "optim.lrr=1"], ["optim.lrr", "optim.lr"]),
+    (["configs/debug/clip.yaml", "data.batch_size=many"], ["data.batch_size", "integer"]),
+    (["configs/debug/missing.yaml"], ["missing.yaml", "not found"]),
+])
+def test_cli_config_errors_exit_2_without_run_dir(tmp_path, args, words):
+    log_dir = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "lvmtrain", "train", *args, f"log.dir={log_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), proc.stderr
+    assert not log_dir.exists()
+
+
+def test_readme_config_reference_is_generated_from_schema():
+    readme = (REPO / "README.md").read_text()
+    assert config_reference_markdown().strip() in readme, \
+        "README's config reference is stale: regenerate it with `lvmtrain config docs`"
