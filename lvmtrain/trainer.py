@@ -72,8 +72,8 @@ class Trainer:
         if self.family == "clip":
             from lvmtrain.data.tokenizer import CLIPTokenizer
 
-            self.tokenizer = CLIPTokenizer(context_length=model.text.context_length)
-        self.image_size = (model.visual if self.family == "clip" else model).patch_embed.image_size
+            self.tokenizer = CLIPTokenizer(context_length=model.context_length)
+        self.image_size = model.image_size
         self.train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=self.image_size,
                                                tokenizer=self.tokenizer, accum=cfg.train.grad_accum_steps,
                                                seed=cfg.train.seed, start=self.cursor)

@@ -1,0 +1,108 @@
+"""CLIP (Radford et al., 2021): image tower + text tower + learnable temperature.
+
+The contrastive loss, and any gathering of features across ranks, lives in
+`lvmtrain.tasks.contrastive`; this module only embeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lvmtrain.models.layers import fwd_bwd_flops
+from lvmtrain.models.text import TextTransformer
+from lvmtrain.models.vit import VisionTransformer
+
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+class CLIP(nn.Module):
+    """Two towers projected into one `embed_dim` space.
+
+    `visual` is a `VisionTransformer` in CLIP form (no patch bias, `norm_pre`, class-token pooling,
+    bias-free `head` as the projection), `text` a `TextTransformer`. Names map one-to-one onto
+    open_clip's `CLIP` via `lvmtrain.models.convert`.
+
+    Args:
+        embed_dim: joint embedding size.
+        vision: keyword arguments of `VisionTransformer` (image_size, patch_size, width, depth,
+            num_heads, mlp_ratio, drop_path_rate); the CLIP-specific ones are set here.
+        text: keyword arguments of `TextTransformer` other than `embed_dim`.
+        act: "gelu" or "quick_gelu", for both towers.
+    """
+
+    def __init__(self, embed_dim: int, vision: dict, text: dict, act: str = "gelu") -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.visual = VisionTransformer(
+            **vision,
+            num_classes=embed_dim,
+            global_pool="token",
+            patch_bias=False,
+            pre_norm=True,
+            head_bias=False,
+            act=act,
+            norm_eps=1e-5,
+            init_mode="clip",
+        )
+        self.text = TextTransformer(**text, embed_dim=embed_dim, act=act)
+        # NOTE: the towers initialise themselves; calling `self.init_weights()` here would draw
+        # every weight twice (seconds for ViT-H on CPU).
+        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise both towers and the temperature; valid after `to_empty()` from meta."""
+        self.visual.init_weights()
+        self.text.init_weights()
+        self.logit_scale.fill_(INIT_LOGIT_SCALE)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def context_length(self) -> int:
+        """Text tokens per caption; the tokenizer pads or truncates to it."""
+        return self.text.context_length
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"logit_scale"}
+        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Images -> visual tokens (B, 1 + patches, width) after `visual.norm`."""
+        return self.visual.forward_features(images)
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+        return {
+            "image_features": self.encode_image(images, normalize=True),
+            "text_features": self.encode_text(tokens, normalize=True),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+    def flops_per_sample(self) -> int:
+        """Analytic training FLOPs (forward + backward) for one image-caption pair.
+
+        The sum of both towers' counts (see `VisionTransformer.flops_per_sample` and
+        `TextTransformer.flops_per_sample`: 3 x forward, forward = 2 x matmul/conv MACs, the
+        projections included). The B x B logits matrix is left out: it depends on the batch.
+        """
+        return fwd_bwd_flops(self.visual.forward_macs() + self.text.forward_macs())

@@ -1,0 +1,202 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) with timm's state-dict names.
+
+A timm `vit_*` state dict loads into this module as is, and this module's state dict loads into
+timm's `VisionTransformer`; the same class, with CLIP options, is the image tower of `CLIP`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lvmtrain.models.layers import (
+    block_macs,
+    fwd_bwd_flops,
+    init_blocks_clip,
+    init_blocks_timm,
+    make_blocks,
+    mlp_hidden_dim,
+    run_blocks,
+)
+
+GLOBAL_POOLS = ("token", "avg")
+INIT_MODES = ("timm", "clip")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, as one strided convolution."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, bias: bool) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of {self.image_size}x{self.image_size}, got {tuple(x.shape[-2:])}; "
+                "the position table is built for one size (set image_size when building the model)"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token, learned absolute positions and pre-norm blocks.
+
+    Args:
+        image_size: square input side in pixels; fixes the length of the position table.
+        patch_size: square patch side in pixels.
+        width: token dimension (timm's `embed_dim`).
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / width.
+        num_classes: output size of `head`; 0 means no head (`forward` returns pooled features).
+        global_pool: "token" (class token, then `norm`) or "avg" (mean of patch tokens, then
+            `fc_norm`; `norm` is then an identity, exactly as in timm).
+        qkv_bias: bias in the fused qkv projection.
+        patch_bias: bias in the patch-embedding convolution (CLIP has none).
+        pre_norm: LayerNorm after adding positions, before the blocks (CLIP's `ln_pre`).
+        head_bias: bias in `head` (CLIP's projection has none).
+        act: "gelu" or "quick_gelu".
+        norm_eps: LayerNorm epsilon (timm 1e-6, open_clip 1e-5).
+        drop_path_rate: stochastic depth at the last block, linear from 0 at the first.
+        init_mode: "timm" (trunc_normal 0.02) or "clip" (open_clip's width-scaled normals).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        in_chans: int = 3,
+        qkv_bias: bool = True,
+        patch_bias: bool = True,
+        pre_norm: bool = False,
+        head_bias: bool = True,
+        act: str = "gelu",
+        norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        init_mode: str = "timm",
+    ) -> None:
+        super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode {init_mode!r} is not one of {INIT_MODES}")
+        self.width = self.num_features = width
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.init_mode = init_mode
+        self.mlp_hidden_dim = mlp_hidden_dim(width, mlp_ratio)
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width, bias=patch_bias)
+        self.num_prefix_tokens = 1
+        self.cls_token = nn.Parameter(torch.empty(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, width))
+        self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
+        self.blocks = make_blocks(
+            depth,
+            drop_path_rate,
+            dim=width,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            act=act,
+            norm_eps=norm_eps,
+        )
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(width, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(width, num_classes, bias=head_bias) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @property
+    def seq_len(self) -> int:
+        return self.patch_embed.num_patches + self.num_prefix_tokens
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; valid after `to_empty()` on a meta-device model."""
+        self.patch_embed.proj.reset_parameters()
+        for norm in (self.norm_pre, self.norm, self.fc_norm):
+            if isinstance(norm, nn.LayerNorm):
+                norm.reset_parameters()
+        if self.init_mode == "timm":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.normal_(self.cls_token, std=1e-6)
+            init_blocks_timm(self.blocks)
+            head_std = 0.02
+        else:
+            scale = self.width**-0.5
+            nn.init.normal_(self.pos_embed, std=scale)
+            nn.init.normal_(self.cls_token, std=scale)
+            init_blocks_clip(self.blocks, self.width)
+            head_std = scale
+        if isinstance(self.head, nn.Linear):
+            if self.init_mode == "timm":
+                nn.init.trunc_normal_(self.head.weight, std=head_std)
+            else:
+                nn.init.normal_(self.head.weight, std=head_std)
+            if self.head.bias is not None:
+                nn.init.zeros_(self.head.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution the position table was built for."""
+        return self.patch_embed.image_size
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> all tokens (B, 1 + patches, width) after the final norm."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        x = self.norm_pre(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        else:
+            x = x[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_macs(self) -> int:
+        patch = self.patch_embed
+        in_chans = patch.proj.in_channels
+        macs = patch.num_patches * in_chans * patch.patch_size**2 * self.width
+        macs += len(self.blocks) * block_macs(self.seq_len, self.width, self.mlp_hidden_dim)
+        if isinstance(self.head, nn.Linear):
+            macs += self.head.in_features * self.head.out_features
+        return macs
+
+    def flops_per_sample(self) -> int:
+        """Analytic training FLOPs (forward + backward) for one image.
+
+        forward = 2 x the multiply-accumulates of every matmul / conv: patch embedding, qkv,
+        q@k^T, attention@v, output projection, MLP fc1 and fc2, and the head; backward = 2 x
+        forward, so the total is 3 x forward. Norms, softmax, GELU, bias adds and the position
+        add are ignored (they are O(tokens x width), not O(tokens x width^2)).
+        """
+        return fwd_bwd_flops(self.forward_macs())

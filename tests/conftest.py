@@ -1,0 +1,52 @@
+"""Shared fixtures: real shards made from the real data that installs here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> dict:
+    """Small Fashion-MNIST (or MNIST-sample) shards: train 2 x 768 samples, val 1 x 512."""
+    from lvmtrain.data.build import load_demo_source, write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    name, classes, (xtr, ytr), (xte, yte) = load_demo_source()
+    write_shards(out / "train", "train", xtr[:1536], ytr[:1536], classes, per_shard=768)
+    write_shards(out / "val", "val", xte[:512], yte[:512], classes, per_shard=512)
+    return {"train": f"{out}/train/train-{{00000..00001}}.tar", "val": f"{out}/val/val-00000.tar",
+            "classes": classes, "dir": out}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_lvmtrain(args: list[str], *, nproc: int = 1, timeout: int = 600, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`lvmtrain ARGS` in a fresh process, or under `torchrun --nproc_per_node=nproc`."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "lvmtrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "lvmtrain", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
