@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("what", choices=["docs", "show"], help="docs: markdown reference; show: resolved config")
     config.add_argument("config", nargs="?", help="YAML config (for show)")
     config.add_argument("overrides", nargs="*")
+    config.add_argument("--write", metavar="README", help="docs: replace the reference between the "
+                        "config-reference markers of this file")
 
     args = parser.parse_args(argv)
     try:
@@ -79,7 +81,17 @@ def _models(args) -> int:
 def _config(args) -> int:
     from lvmtrain.config.loader import config_reference_markdown, config_to_dict, load_config
 
-    if args.what == "docs":
+    if args.what == "docs" and args.write:
+        from pathlib import Path
+
+        path = Path(args.write)
+        start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+        text = path.read_text()
+        if start not in text or end not in text:
+            raise ConfigError(f"{path}: no {start} ... {end} markers to write the reference between")
+        head, rest = text.split(start, 1)
+        path.write_text(f"{head}{start}\n{config_reference_markdown()}\n{end}{rest.split(end, 1)[1]}")
+    elif args.what == "docs":
         print(config_reference_markdown())
     else:
         import yaml

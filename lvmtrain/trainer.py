@@ -26,6 +26,8 @@ from lvmtrain.models.registry import build_model, model_family
 from lvmtrain.tasks import build_task
 
 CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "eval/top1")
+# Values every rank holds identically: logged as they are, not averaged over ranks.
+SHARED_KEYS = ("lr", "samples_seen", "epoch")
 
 
 class Trainer:
@@ -88,23 +90,25 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Create `log.dir/run.name/` and write the resolved config; refuse to clobber a run."""
         cfg = self.cfg
+        if cfg.checkpoint.resume == "none" and not cfg.run.overwrite and self.checkpoints.dir.is_dir() \
+                and any(self.checkpoints.dir.glob("step_*")):
+            raise ConfigError(f"{self.run_dir} already holds checkpoints; resume it "
+                              f"(checkpoint.resume=auto), pick another run.name, or set run.overwrite=true")
+        barrier()  # every rank has looked before rank 0 deletes anything
         if self.dims.is_main:
             if cfg.run.overwrite and self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
-            elif cfg.checkpoint.resume == "none" and any(self.checkpoints.dir.glob("step_*")):
-                raise ConfigError(f"{self.run_dir} already holds checkpoints; resume it "
-                                  f"(checkpoint.resume=auto), pick another run.name, or set run.overwrite=true")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier()
 
     def train(self) -> dict[str, float]:
         batches = iter(self.train_loader)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
-            data_wait = time.perf_counter() - t0
+            data_wait += time.perf_counter() - t0
             metrics = self.train_step(micro)
             self.step += 1
             self.samples_seen += self.global_batch
@@ -112,9 +116,9 @@ class Trainer:
             window_steps += 1
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
-                metrics.update(self._throughput(window_steps, elapsed), data_wait_s=data_wait)
+                metrics.update(self._throughput(window_steps, elapsed), data_wait_share=data_wait / elapsed)
                 self._log(metrics)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             self._maybe_evaluate()
             if self.checkpoints.should_save(self.step, self.total_steps):
                 self.checkpoints.save(self.step, self.state_dict())
@@ -154,8 +158,10 @@ class Trainer:
                 "tflops_per_device": samples_per_s * self.flops_per_sample / self.dims.world / 1e12}
 
     def _log(self, metrics: dict[str, float]) -> None:
-        reduced = all_reduce_mean({k: v for k, v in metrics.items() if k != "lr"}, self.dims.device)
-        self.logger.log(self.step, {**reduced, "lr": metrics["lr"]}, console_keys=CONSOLE_KEYS)
+        local = {k: v for k, v in metrics.items() if k not in SHARED_KEYS}
+        reduced = all_reduce_mean(local, self.dims.device)
+        shared = {k: v for k, v in metrics.items() if k in SHARED_KEYS}
+        self.logger.log(self.step, {**reduced, **shared}, console_keys=CONSOLE_KEYS)
 
     def state_dict(self) -> dict:
         return {"strategy": self.strategy.state_dict(), "step": self.step, "samples_seen": self.samples_seen,

@@ -60,7 +60,7 @@ def index_shard(path: str) -> list[Sample]:
             if prefix is None or name.rpartition("/")[2].startswith("_"):
                 continue
             samples.setdefault(prefix, Sample(prefix, {})).files[ext.lower()] = (offset, size)
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable tar file ({e}); rebuild or remove this shard") from None
     return list(samples.values())
 

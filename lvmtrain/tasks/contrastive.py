@@ -12,13 +12,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import _functional_collectives as fc
+
+# NOTE: torch >= 2.11 names it *_single_*; the older name is kept for torch 2.6-2.10.
+_all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank, in rank order; gradients flow back to each rank's shard."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    return _all_gather_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:

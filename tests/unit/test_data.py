@@ -1,0 +1,116 @@
+"""Shard index, epoch order and per-rank batches: the invariants resume and DDP rely on."""
+
+import io
+import tarfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvmtrain.config.schema import DataConfig
+from lvmtrain.data.loader import build_eval_loader, build_train_loader
+from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, index_shard
+from lvmtrain.data.tokenizer import CLIPTokenizer
+from lvmtrain.data.transforms import decode_rgb
+
+
+def dims(rank, world):
+    return SimpleNamespace(rank=rank, world=world, device=torch.device("cpu"))
+
+
+def keys_by_step(shards, world, *, workers=0, accum=1, batch=8, start=Cursor(), steps=6, tokenizer=None):
+    """{step: sorted keys of the global batch}, gathered over all ranks of a `world`-rank run."""
+    cfg = DataConfig(train="x", batch_size=batch, workers=workers)
+    out = {}
+    for rank in range(world):
+        loader = build_train_loader(shards, cfg, dims(rank, world), image_size=28, tokenizer=tokenizer,
+                                    accum=accum, seed=3, start=start)
+        it = iter(loader)
+        for step in range(steps):
+            for _ in range(accum):
+                out.setdefault(step, []).extend(next(it)["keys"])
+    return {s: sorted(k) for s, k in out.items()}
+
+
+@pytest.fixture(scope="module")
+def train_set(shards):
+    return ShardSet.from_spec(shards["train"])
+
+
+def test_index_matches_tarfile(shards, train_set):
+    path = shards["dir"] / "train" / "train-00001.tar"
+    with tarfile.open(path) as tar:
+        members = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    samples = index_shard(str(path))
+    assert len(samples) == 768 and len(train_set) == 1536
+    assert {f"{s.key}.{e}": v for s in samples for e, v in s.files.items()} == members
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a = epoch_order(1000, seed=1, epoch=0, block=64, window=4)
+    assert sorted(a) == list(range(1000))
+    assert np.array_equal(a, epoch_order(1000, seed=1, epoch=0, block=64, window=4))
+    assert not np.array_equal(a, epoch_order(1000, seed=1, epoch=1, block=64, window=4))
+    assert not np.array_equal(a, np.arange(1000))
+
+
+def test_global_batches_do_not_depend_on_world_size_or_workers(train_set):
+    one = keys_by_step(train_set, 1, batch=24)
+    assert one == keys_by_step(train_set, 2, batch=12) == keys_by_step(train_set, 3, batch=8, workers=2)
+    # Accumulation: 2 micro-steps of 12 on 1 rank = 1 step of 24.
+    assert one == keys_by_step(train_set, 1, batch=12, accum=2)
+    every = [k for step in one.values() for k in step]
+    assert len(every) == len(set(every)) == 6 * 24
+
+
+def test_resume_from_cursor_continues_with_the_next_samples(train_set):
+    straight = keys_by_step(train_set, 2, batch=8, steps=8)
+    resumed = keys_by_step(train_set, 1, batch=16, steps=4, start=Cursor(0, 4 * 16))
+    assert [resumed[s] for s in range(4)] == [straight[s] for s in range(4, 8)]
+
+
+def test_epoch_boundary_drops_the_partial_global_batch(train_set):
+    per_epoch = len(train_set) // 100  # 15 full global batches of 100, 36 samples dropped
+    steps = keys_by_step(train_set, 2, batch=50, steps=per_epoch + 1)
+    first_epoch = [k for s in range(per_epoch) for k in steps[s]]
+    assert len(set(first_epoch)) == per_epoch * 100
+    assert set(steps[per_epoch]) & set(first_epoch)  # next epoch re-uses samples: it started over
+
+
+def test_clip_batches_carry_tokens_and_eval_sees_every_sample_once(shards, train_set):
+    tok = CLIPTokenizer(context_length=16)
+    loader = build_train_loader(train_set, DataConfig(train="x", batch_size=4, workers=0), dims(0, 1),
+                                image_size=28, tokenizer=tok, accum=1, seed=0, start=Cursor())
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 28, 28) and batch["text"].shape == (4, 16)
+    assert batch["cursor"] == [0, 4]
+    val = ShardSet.from_spec(shards["val"])
+    seen = []
+    for rank in range(3):
+        for b in build_eval_loader(val, DataConfig(train="x", workers=0), dims(rank, 3), image_size=28, batch_size=100):
+            seen += b["keys"]
+            assert set(b) >= {"image", "label"}
+    assert len(seen) == len(set(seen)) == 512
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "I;16"])
+def test_decode_rgb_any_mode(mode):
+    img = Image.new("RGBA" if mode in ("RGBA", "LA") else "RGB", (5, 4), (10, 200, 30, 0))
+    img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    out = decode_rgb(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (5, 4)
+    if mode in ("RGBA", "LA"):  # fully transparent pixels become white, not black
+        assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_missing_and_corrupt_shards_are_named(tmp_path):
+    with pytest.raises(DataError, match="nope.tar.*not found"):
+        ShardSet.from_spec(str(tmp_path / "nope.tar"))
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(DataError, match="bad.tar"):
+        ShardSet.from_spec(str(bad))
