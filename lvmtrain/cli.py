@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lvmtrain.config.schema import ConfigError
@@ -51,7 +52,7 @@ def _train(args) -> int:
         result = Trainer(cfg).train()
     finally:
         shutdown()
-    if result:
+    if result and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0
 

@@ -49,7 +49,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
-        model = build_model(m.name, image_size=m.image_size, num_classes=m.num_classes,
+        model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes,
                             global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
                             context_length=m.context_length)
         if m.grad_checkpointing:

@@ -13,6 +13,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# open_clip's `CLIP(**cfg)` of the same shapes as our `clip_debug` preset.
+OPEN_CLIP_DEBUG_CFG = dict(
+    embed_dim=128,
+    vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=4, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3),
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intraop_thread():
+    # NOTE: the tests' matmuls are small and CI has 2 shared cores; OpenMP threads spin-waiting on
+    # each other made model tests ~3x slower under load. Subprocesses get OMP_NUM_THREADS=1.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> dict:

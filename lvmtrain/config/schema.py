@@ -33,6 +33,9 @@ class ModelConfig:
     trains a classifier, a `clip_*` preset a contrastive image-text model."""
     image_size: int | None = None
     """Input resolution in pixels; null keeps the preset's. Must be divisible by the patch size."""
+    patch_size: int | None = None
+    """Patch size in pixels of the image tower; null keeps the preset's. Larger patches mean fewer
+    tokens: quadratically less attention and linearly less of everything else."""
     num_classes: int | None = None
     """Classifier outputs for `vit_*` presets; null keeps the preset's."""
     global_pool: Literal["token", "avg"] | None = None
@@ -207,6 +210,9 @@ class Config:
             raise ConfigError("optim.betas: give two values [beta1, beta2]")
         if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
             raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+        patch = self.model.patch_size
+        if self.model.image_size and patch and self.model.image_size % patch:
+            raise ConfigError(f"model.image_size {self.model.image_size} is not divisible by model.patch_size {patch}")
         if family == "vit" and self.model.context_length is not None:
             raise ConfigError("model.context_length: only CLIP presets have a text tower")
         if family == "clip" and self.model.num_classes is not None:

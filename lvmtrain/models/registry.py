@@ -120,6 +120,7 @@ def build_model(
     name: str,
     *,
     image_size: int | None = None,
+    patch_size: int | None = None,
     num_classes: int | None = None,
     global_pool: str | None = None,
     drop_path_rate: float | None = None,
@@ -127,7 +128,8 @@ def build_model(
 ) -> nn.Module:
     """Build preset `name`; each keyword left as None keeps the preset's value.
 
-    `image_size` resizes the position table (it must be divisible by the patch size).
+    `image_size` and `patch_size` resize the position table (the image size must be divisible by
+    the patch size); pretrained weights then no longer load as they are.
     `context_length` (CLIP only) may only shorten the text position table; pretrained weights
     are truncated to it by `convert.load_open_clip`. `num_classes` and `global_pool` are ViT only.
     `drop_path_rate` applies to both CLIP towers.
@@ -138,6 +140,7 @@ def build_model(
             raise ValueError(f"context_length applies to CLIP presets only; {name!r} is a ViT")
         overrides = _overrides(
             image_size=image_size,
+            patch_size=patch_size,
             num_classes=num_classes,
             global_pool=global_pool,
             drop_path_rate=drop_path_rate,
@@ -152,7 +155,9 @@ def build_model(
             f"context_length {context_length} for {name!r} must be in 1..{cfg.text.context_length} "
             "(the preset's position table can be shortened, not extended)"
         )
-    vision = dataclasses.replace(cfg.vision, **_overrides(image_size=image_size, drop_path_rate=drop_path_rate))
+    vision = dataclasses.replace(
+        cfg.vision, **_overrides(image_size=image_size, patch_size=patch_size, drop_path_rate=drop_path_rate)
+    )
     text = dataclasses.replace(
         cfg.text, **_overrides(context_length=context_length, drop_path_rate=drop_path_rate)
     )

@@ -17,23 +17,11 @@ from lvmtrain.models import (
     open_clip_to_lvm,
     timm_to_lvm,
 )
+from tests.conftest import OPEN_CLIP_DEBUG_CFG
 
 ATOL = 1e-4
 CAPTIONS = ["a photo of a dog", "a diagram", "two cats asleep on a red sofa in the sun"]
-DEBUG_CFG = dict(
-    embed_dim=128,
-    vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=4, head_width=32),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3),
-)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    # NOTE: these matmuls are small and the CI box has 2 shared cores; OpenMP threads spin-waiting
-    # on each other made this file ~3x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _max_diff(a, b):
@@ -122,7 +110,7 @@ def test_open_clip_b32_round_trip():
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_open_clip_debug_round_trip(quick_gelu):
     torch.manual_seed(0)
-    ref = open_clip.CLIP(**DEBUG_CFG, quick_gelu=quick_gelu).eval()
+    ref = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG, quick_gelu=quick_gelu).eval()
     if quick_gelu:
         vision = dict(image_size=32, patch_size=4, width=128, depth=4, num_heads=4)
         text = dict(width=128, depth=3, num_heads=4)
@@ -133,14 +121,14 @@ def test_open_clip_debug_round_trip(quick_gelu):
     images, tokens = torch.randn(3, 3, 32, 32), open_clip.tokenize(CAPTIONS)
     _assert_clip_equal(ref, ours, images, tokens)
 
-    back = open_clip.CLIP(**DEBUG_CFG, quick_gelu=quick_gelu).eval()
+    back = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG, quick_gelu=quick_gelu).eval()
     back.load_state_dict(lvm_to_open_clip(ours.state_dict()), strict=True)
     _assert_clip_equal(back, ours, images, tokens)
 
 
 def test_open_clip_mapping_is_one_to_one():
     with torch.device("meta"):
-        ref_sd = open_clip.CLIP(**DEBUG_CFG).state_dict()
+        ref_sd = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG).state_dict()
         ours_sd = build_model("clip_debug").state_dict()
     converted = open_clip_to_lvm(ref_sd)
     assert len(converted) == len(ref_sd) == len(ours_sd)
@@ -150,7 +138,7 @@ def test_open_clip_mapping_is_one_to_one():
 
 def test_open_clip_buffers_dropped_and_vector_logit_scale():
     torch.manual_seed(0)
-    ref = open_clip.CLIP(**DEBUG_CFG, nonscalar_logit_scale=True)
+    ref = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG, nonscalar_logit_scale=True)
     sd = dict(ref.state_dict())
     sd["attn_mask"] = ref.attn_mask
     assert sd["logit_scale"].shape == (1,)
@@ -162,7 +150,7 @@ def test_open_clip_buffers_dropped_and_vector_logit_scale():
 
 def test_open_clip_shorter_context_truncates_positions():
     torch.manual_seed(0)
-    ref = open_clip.CLIP(**DEBUG_CFG).eval()
+    ref = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG).eval()
     full, short = build_model("clip_debug").eval(), build_model("clip_debug", context_length=16).eval()
     load_open_clip(full, ref.state_dict())
     load_open_clip(short, ref.state_dict())
@@ -174,7 +162,7 @@ def test_open_clip_shorter_context_truncates_positions():
 
 def test_unknown_and_missing_keys_are_named():
     with torch.device("meta"):
-        ref_sd = open_clip.CLIP(**DEBUG_CFG).state_dict()
+        ref_sd = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG).state_dict()
         vit_sd = build_model("vit_debug").state_dict()
     with pytest.raises(KeyError, match="visual.attn_pool.query"):
         open_clip_to_lvm({**ref_sd, "visual.attn_pool.query": torch.zeros(1)})

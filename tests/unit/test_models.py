@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lvmtrain.models import CLIP, build_model, get_preset, list_presets, lvm_to_open_clip, model_family
+from tests.conftest import OPEN_CLIP_DEBUG_CFG
 
 VIT_PRESETS = ["vit_debug", "vit_ti16", "vit_s16", "vit_b32", "vit_b16", "vit_l14", "vit_h14", "vit_g14"]
 CLIP_PRESETS = ["clip_debug", "clip_b32", "clip_b16", "clip_l14", "clip_h14"]
@@ -33,20 +34,7 @@ OPEN_CLIP_NAMES = {
     "clip_l14": "ViT-L-14",
     "clip_h14": "ViT-H-14",
 }
-CLIP_DEBUG_OPEN_CLIP_CFG = dict(
-    embed_dim=128,
-    vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=4, head_width=32),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3),
-)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    # NOTE: these matmuls are small and the CI box has 2 shared cores; OpenMP threads spin-waiting
-    # on each other made this file ~3x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _small_image_size(name: str) -> int:
@@ -130,7 +118,7 @@ def test_preset_matches_reference_architecture(name):
         if name in OPEN_CLIP_NAMES:
             ref = open_clip.CLIP(**open_clip.get_model_config(OPEN_CLIP_NAMES[name]))
         else:
-            ref = open_clip.CLIP(**CLIP_DEBUG_OPEN_CLIP_CFG)
+            ref = open_clip.CLIP(**OPEN_CLIP_DEBUG_CFG)
         assert _shapes(lvm_to_open_clip(ours.state_dict())) == _shapes(ref.state_dict())
 
 
