@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from lvmtrain.checkpoint import CheckpointManager
 from lvmtrain.config.loader import config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
+from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
 from lvmtrain.data.shards import Cursor, ShardSet
 from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
@@ -26,7 +28,8 @@ from lvmtrain.models.registry import build_model, model_family
 from lvmtrain.tasks import build_task
 
 CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "eval/top1")
-# Values every rank holds identically: logged as they are, not averaged over ranks.
+# Values every rank holds identically (data/* counts are already summed over ranks): logged as
+# they are, not averaged over ranks.
 SHARED_KEYS = ("lr", "samples_seen", "epoch")
 
 
@@ -62,13 +65,18 @@ class Trainer:
 
         self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
         self.last_eval: dict[str, float] = {}
+        self.bad_samples = BadSampleCounter(cfg.data.max_bad_fraction, train_shards.problems, dims.device)
+        for _, _, message in train_shards.problems if dims.is_main else ():
+            print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
         resume = self.checkpoints.find_resume()
         if resume is not None:
             state = self.checkpoints.load(resume)
             self.strategy.load_state_dict(state["strategy"])
+            self.bad_samples.load_state_dict(state["bad_samples"], rank=dims.rank)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.cursor, wandb_id = Cursor.from_state(state["cursor"]), state.get("wandb_id")
             print0(f"resumed from {resume} at step {self.step}", enabled=dims.is_main)
+        self.ledger = SampleLedger(self.run_dir, dims.rank, self.step, dims.device) if cfg.data.ledger else None
 
         self.tokenizer = None
         if self.family == "clip":
@@ -113,10 +121,15 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1]["cursor"])
+            for batch in micro:
+                self.bad_samples.update(batch)
+            if self.ledger:
+                self.ledger.record(self.step, micro)
             window_steps += 1
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics.update(self._throughput(window_steps, elapsed), data_wait_share=data_wait / elapsed)
+                metrics.update(self.bad_samples.totals(self.samples_seen))
                 self._log(metrics)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             self._maybe_evaluate()
@@ -158,12 +171,13 @@ class Trainer:
                 "tflops_per_device": samples_per_s * self.flops_per_sample / self.dims.world / 1e12}
 
     def _log(self, metrics: dict[str, float]) -> None:
-        local = {k: v for k, v in metrics.items() if k not in SHARED_KEYS}
-        reduced = all_reduce_mean(local, self.dims.device)
-        shared = {k: v for k, v in metrics.items() if k in SHARED_KEYS}
+        is_shared = lambda k: k in SHARED_KEYS or k.startswith("data/")  # noqa: E731
+        reduced = all_reduce_mean({k: v for k, v in metrics.items() if not is_shared(k)}, self.dims.device)
+        shared = {k: v for k, v in metrics.items() if is_shared(k)}
         self.logger.log(self.step, {**reduced, **shared}, console_keys=CONSOLE_KEYS)
 
     def state_dict(self) -> dict:
+        """Everything that decides the rest of the run (collective: every rank calls it)."""
         return {"strategy": self.strategy.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
-                "cursor": self.cursor.state_dict(), "wandb_id": self.logger.wandb_id,
-                "config": config_to_dict(self.cfg)}
+                "cursor": self.cursor.state_dict(), "bad_samples": self.bad_samples.state_dict(),
+                "wandb_id": self.logger.wandb_id, "config": config_to_dict(self.cfg)}

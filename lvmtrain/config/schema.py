@@ -74,6 +74,12 @@ class DataConfig:
     """Lower bound of RandomResizedCrop's area scale for training images (1.0: resize only)."""
     hflip: bool = True
     """Random horizontal flips for training images."""
+    max_bad_fraction: float = 0.01
+    """Share of samples that may be skipped as unusable (corrupt image, missing or non-UTF-8
+    caption, ...) before the run stops with a message naming the kind; each is counted in
+    metrics.jsonl as data/<kind>."""
+    ledger: bool = False
+    """Append the keys each rank trained on per step to `run_dir/ledger/rank{R}.jsonl`."""
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     """Per-channel normalisation mean (CLIP's by default)."""
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -202,6 +208,8 @@ class Config:
                   "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
         if self.data.workers < 0:
             raise ConfigError("data.workers: must be >= 0")
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            raise ConfigError("data.max_bad_fraction: must be in [0, 1]")
         if not 0 < self.data.crop_scale_min <= 1:
             raise ConfigError("data.crop_scale_min: must be in (0, 1]")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:

@@ -8,7 +8,7 @@ data position of the step it just took, whatever the prefetch depth.
 
 from __future__ import annotations
 
-import json
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -59,35 +59,81 @@ class _SampleDecoder:
         self.reader: _Reader | None = None
 
     def __call__(self, index: int, rng: np.random.Generator | None) -> dict:
+        """Decode sample `index`; a sample that cannot be used raises `BadSample` with its kind."""
         if self.reader is None:
             self.reader = _Reader(self.shards)
         shard, sample = self.shards.locate(index)
-        where = f"shard {self.shards.urls[shard]}, sample '{sample.key}'"
+        url = self.shards.urls[shard]
         ext = next((e for e in self.fields.image if e in sample.files), None)
         if ext is None:
-            raise DataError(f"{where}: no image (looked for {', '.join(self.fields.image)}); set data.image_key")
+            raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
         try:
-            out = {"image": self.transform(decode_rgb(self.reader.read(shard, sample, ext)), rng)}
-        except (OSError, ValueError) as e:
-            raise DataError(f"{where}: cannot decode .{ext} ({e})") from None
+            data = self.reader.read(shard, sample, ext)
+            out = {"image": self.transform(decode_rgb(data), rng)}
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
         if self.fields.caption:
             if self.fields.caption not in sample.files:
-                raise DataError(f"{where}: no .{self.fields.caption} caption; set data.caption_key")
-            out["text"] = self.reader.read(shard, sample, self.fields.caption).decode("utf-8", "replace")
+                raise BadSample("missing_caption", url, sample.key, f"no .{self.fields.caption} file")
+            try:
+                out["text"] = self.reader.read(shard, sample, self.fields.caption).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadSample("bad_caption", url, sample.key, f"caption is not UTF-8 ({e})") from None
         if self.fields.label:
             if self.fields.label not in sample.files:
-                raise DataError(f"{where}: no .{self.fields.label} label; set data.label_key")
-            out["label"] = int(json.loads(self.reader.read(shard, sample, self.fields.label)))
+                raise BadSample("missing_label", url, sample.key, f"no .{self.fields.label} file")
+            try:
+                out["label"] = int(self.reader.read(shard, sample, self.fields.label).strip())
+            except ValueError as e:
+                raise BadSample("bad_label", url, sample.key, f"label is not an integer ({e})") from None
         out["key"] = sample.key
+        out["shard"] = url
         return out
 
-    def collate(self, samples: list[dict]) -> dict:
-        batch = {"image": torch.stack([s["image"] for s in samples]), "keys": [s["key"] for s in samples]}
+    def batch(self, indices, rngs, *, fill: bool = True) -> dict:
+        """Decode and collate; bad samples are counted and reported. With `fill` (training) their
+        slots take copies of good samples of the same batch (the j-th bad slot the j-th good
+        sample, cyclically), so batches stay full and depend only on the data and the order."""
+        good, bad = [], []
+        for i, rng in zip(indices, rngs):
+            try:
+                good.append(self(int(i), rng))
+            except BadSample as e:
+                bad.append(e)
+                _report(e)
+        if not good:
+            raise DataError(f"every sample of a batch is unusable (first: {bad[0]}); "
+                            "run `lvmtrain data check` on these shards")
+        samples = good + [good[j % len(good)] for j in range(len(bad) if fill else 0)]
+        batch = {"image": torch.stack([s["image"] for s in samples]), "keys": [s["key"] for s in good],
+                 "shards": [s["shard"] for s in good],
+                 "skipped": [{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad]}
         if "text" in samples[0]:
             batch["text"] = self.tokenizer([s["text"] for s in samples])
         if "label" in samples[0]:
             batch["label"] = torch.tensor([s["label"] for s in samples])
         return batch
+
+
+class BadSample(Exception):
+    """A sample that cannot be trained on; `kind` is the counter it is reported under."""
+
+    def __init__(self, kind: str, shard: str, key: str, reason: str):
+        super().__init__(f"shard {shard}, sample '{key}': {reason}")
+        self.kind, self.shard, self.key = kind, shard, key
+
+
+_REPORTED = [0]
+MAX_REPORTS = 20
+
+
+def _report(e: BadSample) -> None:
+    """Name the first bad samples of a worker on stderr; the rest are only counted."""
+    _REPORTED[0] += 1
+    if _REPORTED[0] <= MAX_REPORTS:
+        print(f"lvmtrain: skipping bad sample ({e.kind}): {e}", file=sys.stderr, flush=True)
+        if _REPORTED[0] == MAX_REPORTS:
+            print("lvmtrain: further bad samples are counted in metrics.jsonl, not printed", file=sys.stderr)
 
 
 class TrainBatches(IterableDataset):
@@ -126,9 +172,9 @@ class TrainBatches(IterableDataset):
                 for m in range(self.accum):
                     if micro % workers == worker:
                         lo = consumed + (m * self.world + self.rank) * b
-                        samples = [self.decoder(int(i), np.random.default_rng([self.seed, epoch, int(i)]))
-                                   for i in order[lo:lo + b]]
-                        batch = self.decoder.collate(samples)
+                        indices = order[lo:lo + b]
+                        batch = self.decoder.batch(
+                            indices, [np.random.default_rng([self.seed, epoch, int(i)]) for i in indices])
                         batch["cursor"] = [epoch, consumed + g]
                         yield batch
                     micro += 1
@@ -150,7 +196,7 @@ class EvalBatches(IterableDataset):
         for i, lo in enumerate(range(self.lo, self.hi, self.batch_size)):
             if i % workers == worker:
                 hi = min(lo + self.batch_size, self.hi)
-                yield self.decoder.collate([self.decoder(j, None) for j in range(lo, hi)])
+                yield self.decoder.batch(range(lo, hi), [None] * (hi - lo), fill=False)
 
 
 def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:

@@ -43,26 +43,47 @@ class Sample:
 
 
 def index_shard(path: str) -> list[Sample]:
-    """Scan a tar's headers (not its contents) and group members into samples by key.
+    """Scan a tar's headers (not its contents) and group members into samples by key; raises
+    `DataError` naming the shard when it is missing, unreadable or truncated."""
+    samples, problem = scan_shard(path)
+    if problem:
+        raise DataError(problem[1])
+    return samples
+
+
+def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
+    """(samples, problem): the samples of a tar, grouped by key, and (kind, message) when the
+    shard is missing or unreadable (no samples) or truncated (the samples before the cut).
 
     Grouping by key rather than by adjacency also reads shards whose members are not in key
     order (img2dataset writes samples as downloads finish).
     """
     local = path[len("file:"):] if path.startswith("file:") else path
     if "://" in local or local.startswith("pipe:"):
-        raise DataError(f"{path}: only local shards can be indexed in this version; copy or mount them locally")
+        return [], ("unreadable_shard", f"{path}: only local shards can be indexed in this version; "
+                                        "copy or mount them locally")
     if not os.path.isfile(local):
-        raise DataError(f"{path}: shard not found; check data.train / data.val")
+        return [], ("unreadable_shard", f"{path}: shard not found; check the shard spec")
     samples: dict[str, Sample] = {}
+    problem = None
     try:
         for name, offset, size in _tar_members(local):
             prefix, ext = base_plus_ext(name)
             if prefix is None or name.rpartition("/")[2].startswith("_"):
                 continue
             samples.setdefault(prefix, Sample(prefix, {})).files[ext.lower()] = (offset, size)
+    except _Truncated as e:
+        if not samples:
+            return [], ("unreadable_shard", f"{path}: empty, or cut before its first sample; rebuild or remove it")
+        problem = ("truncated_shard", f"{path}: truncated at byte {e}; {len(samples)} samples before "
+                                      "the cut are used; rebuild this shard")
     except (tarfile.TarError, OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable tar file ({e}); rebuild or remove this shard") from None
-    return list(samples.values())
+        return [], ("unreadable_shard", f"{path}: not a readable tar file ({e}); rebuild or remove this shard")
+    return list(samples.values()), problem
+
+
+class _Truncated(Exception):
+    pass
 
 
 def _tar_members(path: str):
@@ -74,7 +95,11 @@ def _tar_members(path: str):
     with open(path, "rb") as f:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
     pos, long_name, end = 0, None, len(data)
-    while pos + 512 <= end:
+    while True:
+        if pos + 512 > end:
+            # NOTE: a complete tar ends with zero blocks; running out of bytes first means it was
+            # cut (a copy or download that died).
+            raise _Truncated(pos)
         header = data[pos:pos + 512]
         if header.count(0) == 512:
             break
@@ -84,7 +109,7 @@ def _tar_members(path: str):
         kind = header[156:157]
         body = pos + 512
         if body + size > end:
-            raise tarfile.ReadError(f"truncated member at byte {pos}")
+            raise _Truncated(pos)
         if kind == b"L":
             long_name = data[body:body + size].rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":
@@ -112,15 +137,26 @@ def _octal(field: bytes) -> int:
 
 
 class ShardSet:
-    """The samples of a list of shards, addressable by a global index 0..N-1."""
+    """The samples of a list of shards, addressable by a global index 0..N-1.
+
+    A shard that is missing or unreadable contributes no samples, a truncated one the samples
+    before the cut; each is listed in `problems` as (url, kind, message) for the trainer to report
+    and count. Only when no shard has a sample is it an error.
+    """
 
     def __init__(self, urls: list[str]):
         self.urls = urls
-        self.samples = [index_shard(u) for u in urls]
+        self.samples, self.problems = [], []
+        for url in urls:
+            samples, problem = scan_shard(url)
+            self.samples.append(samples)
+            if problem:
+                self.problems.append((url, *problem))
         counts = np.array([len(s) for s in self.samples], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         if self.offsets[-1] == 0:
-            raise DataError(f"no samples in {len(urls)} shard(s) starting with {urls[0]}")
+            detail = self.problems[0][2] if self.problems else f"{urls[0]} holds no samples"
+            raise DataError(f"no usable samples in {len(urls)} shard(s): {detail}")
 
     @classmethod
     def from_spec(cls, spec: str) -> ShardSet:
