@@ -26,17 +26,19 @@ def zero_shot_weights(model: nn.Module, tokenizer, class_names: list[str], templ
 
 @torch.no_grad()
 def top1(model: nn.Module, loader, device: torch.device, *, classifier: torch.Tensor | None = None,
-         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+         normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
     """Top-1 accuracy over every rank's share of the evaluation set.
 
     With `classifier` (zero-shot weights) images are scored against class text embeddings,
-    otherwise the model's own logits are used.
+    otherwise the model's own logits are used. `normalize` turns the loader's uint8 images into
+    the model's input.
     """
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
+        images = normalize(batch["image"].to(device, non_blocking=True))
         labels = batch["label"].to(device, non_blocking=True)
         with autocast():
             if classifier is not None:

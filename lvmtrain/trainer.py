@@ -20,6 +20,7 @@ from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
 from lvmtrain.data.shards import Cursor, ShardSet
+from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
 from lvmtrain.distributed.strategy import build_strategy
 from lvmtrain.evaluate import top1, zero_shot_weights
@@ -84,6 +85,7 @@ class Trainer:
 
             self.tokenizer = CLIPTokenizer(context_length=model.context_length)
         self.image_size = model.image_size
+        self.normalize = ImageNormalizer(cfg.data.mean, cfg.data.std)
         self.train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=self.image_size,
                                                tokenizer=self.tokenizer, accum=cfg.train.grad_accum_steps,
                                                seed=cfg.train.seed, start=self.cursor)
@@ -141,7 +143,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         totals: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
-            batch = {k: batch[k].to(self.dims.device, non_blocking=True) for k in self.task.inputs}
+            batch = self._to_device(batch)
             with self.strategy.micro_step(sync_grads=i == len(micro_batches) - 1):
                 out = self.task(self.strategy.model, batch)
                 self.strategy.backward(out["loss"] / len(micro_batches))
@@ -160,9 +162,14 @@ class Trainer:
             classifier = zero_shot_weights(model, self.tokenizer, self.cfg.eval.class_names,
                                            self.cfg.eval.templates, self.dims.device)
         result = top1(model, self.eval_loader, self.dims.device, classifier=classifier,
-                      autocast=self.strategy.autocast)
+                      autocast=self.strategy.autocast, normalize=self.normalize)
         self.last_eval = {"eval/top1": result["top1"], "eval/samples": result["samples"]}
         self.logger.log(self.step, self.last_eval, console_keys=("eval/top1", "eval/samples"))
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {k: batch[k].to(self.dims.device, non_blocking=True) for k in self.task.inputs}
+        out["image"] = self.normalize(out["image"])
+        return out
 
     def _throughput(self, steps: int, elapsed: float) -> dict[str, float]:
         samples_per_s = steps * self.global_batch / elapsed

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order
-from lvmtrain.data.transforms import ImageTransform, decode_rgb
+from lvmtrain.data.transforms import ImageTransform, decode_rgb_array
 
 
 @dataclass
@@ -69,7 +69,7 @@ class _SampleDecoder:
             raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
         try:
             data = self.reader.read(shard, sample, ext)
-            out = {"image": self.transform(decode_rgb(data), rng)}
+            out = {"image": self.transform(decode_rgb_array(data), rng)}
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
             raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
         if self.fields.caption:
@@ -208,8 +208,7 @@ def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) 
     """Captions for CLIP training (a tokenizer is given), labels for everything else."""
     fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if tokenizer else None,
                     label=None if tokenizer else cfg.label_key)
-    transform = ImageTransform(image_size, train=train, mean=cfg.mean, std=cfg.std,
-                               scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
+    transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
     return _SampleDecoder(shards, fields, transform, tokenizer)
 
 

@@ -13,7 +13,7 @@ from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
 from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, index_shard
 from lvmtrain.data.tokenizer import CLIPTokenizer
-from lvmtrain.data.transforms import decode_rgb
+from lvmtrain.data.transforms import ImageNormalizer, ImageTransform, decode_rgb, decode_rgb_array
 
 
 def dims(rank, world):
@@ -84,7 +84,7 @@ def test_clip_batches_carry_tokens_and_eval_sees_every_sample_once(shards, train
     loader = build_train_loader(train_set, DataConfig(train="x", batch_size=4, workers=0), dims(0, 1),
                                 image_size=28, tokenizer=tok, accum=1, seed=0, start=Cursor())
     batch = next(iter(loader))
-    assert batch["image"].shape == (4, 3, 28, 28) and batch["text"].shape == (4, 16)
+    assert batch["image"].shape == (4, 28, 28, 3) and batch["image"].dtype == torch.uint8 and batch["text"].shape == (4, 16)
     assert batch["cursor"] == [0, 4]
     val = ShardSet.from_spec(shards["val"])
     seen = []
@@ -105,6 +105,19 @@ def test_decode_rgb_any_mode(mode):
     assert out.mode == "RGB" and out.size == (5, 4)
     if mode in ("RGBA", "LA"):  # fully transparent pixels become white, not black
         assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert np.array_equal(decode_rgb_array(buf.getvalue()), np.asarray(out))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_fast_path_matches_pil(mode):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    fast, ref = decode_rgb_array(buf.getvalue()), np.asarray(decode_rgb(buf.getvalue()))
+    assert fast.shape == ref.shape == (48, 64, 3) and fast.dtype == np.uint8
+    # libjpeg-turbo through simplejpeg and through PIL may round the colour conversion differently.
+    assert np.abs(fast.astype(int) - ref.astype(int)).max() <= 2
 
 
 def test_missing_and_corrupt_shards_are_named(tmp_path):
@@ -114,3 +127,18 @@ def test_missing_and_corrupt_shards_are_named(tmp_path):
     bad.write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(DataError, match="bad.tar"):
         ShardSet.from_spec(str(bad))
+
+
+def test_transform_and_normalizer_shapes_and_determinism():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    train = ImageTransform(24, train=True, scale_min=0.5)
+    a, b = train(array, np.random.default_rng([1, 2, 3])), train(array, np.random.default_rng([1, 2, 3]))
+    assert a.shape == (24, 24, 3) and a.dtype == torch.uint8 and torch.equal(a, b)
+    centre = ImageTransform(30, train=False)(array)  # centre crop 30x30, no resize needed
+    assert torch.equal(centre, torch.from_numpy(array[5:35]))
+    x = ImageNormalizer([0.5, 0.25, 0.0], [0.5, 0.25, 1.0])(centre[None])
+    assert x.shape == (1, 3, 30, 30)
+    expected = (centre.permute(2, 0, 1).float() / 255 - torch.tensor([0.5, 0.25, 0.0])[:, None, None]) \
+        / torch.tensor([0.5, 0.25, 1.0])[:, None, None]
+    assert torch.allclose(x[0], expected, atol=1e-5)
