@@ -24,6 +24,27 @@ def main(argv: list[str] | None = None) -> int:
     demo = data_verbs.add_parser("demo", help="build demo shards from real bundled data (Fashion-MNIST / MNIST)")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
+    check = data_verbs.add_parser("check", help="pre-flight: find missing / corrupt shards, count samples, "
+                                  "decode a few per shard; exit 1 on any bad shard")
+    check.add_argument("spec", help="shard spec, e.g. '/data/{00000..00099}.tar' (quote the braces)")
+    check.add_argument("--world", type=int, default=1, help="ranks the run will use")
+    check.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    check.add_argument("--batch-size", type=int, default=None, help="samples per rank per step")
+    check.add_argument("--decode", type=int, default=4, metavar="K", help="samples decoded per shard")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    build = data_verbs.add_parser("build", help="build img2dataset-layout shards + index sidecars from a "
+                                  "class folder, a CSV / parquet of local images, or other shards (reshard)")
+    build.add_argument("source", help="folder of class sub-folders, .csv / .parquet (path + caption "
+                       "[+ label] columns), or a shard spec to reshard")
+    build.add_argument("out", help="output folder (must hold no shards yet)")
+    build.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
+    build.add_argument("--prefix", default="", help="shard names PREFIX-00000.tar (default 00000.tar)")
+    build.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    build.add_argument("--caption-template", default="a photo of a {}", help="folder builds: caption for "
+                       "a class folder name ({} <- name, _ -> space)")
+    build.add_argument("--image-format", choices=["keep", "jpg"], default="keep",
+                       help="keep the source bytes (PNG / JPEG / WebP; others become PNG) or re-encode as JPEG")
+    build.add_argument("--resize", type=int, default=None, metavar="S", help="resize so the shorter side is S")
 
     verbs.add_parser("models", help="list model presets with parameter counts and FLOPs")
     config = verbs.add_parser("config", help="config utilities")
@@ -58,11 +79,40 @@ def _train(args) -> int:
 
 
 def _data(args) -> int:
+    return DATA_VERBS[args.data_verb](args)
+
+
+def _data_demo(args) -> int:
     from lvmtrain.data.build import build_demo
 
     meta = build_demo(args.out, per_shard=args.per_shard)
     print(json.dumps(meta, indent=2))
     return 0
+
+
+def _data_check(args) -> int:
+    from lvmtrain.data.check import check_shards
+
+    report = check_shards(args.spec, world=args.world, workers=args.workers, batch_size=args.batch_size,
+                          decode_per_shard=args.decode)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 1 if report.problems else 0
+
+
+def _data_build(args) -> int:
+    from lvmtrain.data.build import build_shards
+
+    stats = build_shards(args.source, args.out, per_shard=args.per_shard, prefix=args.prefix,
+                         workers=args.workers, caption_template=args.caption_template,
+                         image_format=args.image_format, resize=args.resize)
+    for skip in stats["skipped_files"][:10]:
+        print(f"skipped {skip['file']}: {skip['error']}", file=sys.stderr)
+    print(f"wrote {len(stats['shards'])} shards, {stats['successes']} samples ({stats['skipped']} skipped) to "
+          f"{args.out}\nspec: {stats['spec']}")
+    return 0
+
+
+DATA_VERBS = {"demo": _data_demo, "check": _data_check, "build": _data_build}
 
 
 def _models(args) -> int:

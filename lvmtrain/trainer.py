@@ -19,7 +19,7 @@ from lvmtrain.config.loader import config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
-from lvmtrain.data.shards import Cursor, ShardSet
+from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
 from lvmtrain.distributed.strategy import build_strategy
@@ -42,10 +42,12 @@ class Trainer:
         val_shards = ShardSet.from_spec(cfg.data.val) if cfg.data.val else None
         self.dims = dims = init_distributed(cfg.parallel, cfg.train.threads)
         self.global_batch = cfg.data.batch_size * dims.world * cfg.train.grad_accum_steps
-        steps_per_epoch = len(train_shards) // self.global_batch
+        samples_per_epoch = epoch_size(train_shards.source_ranges(), block=cfg.data.shuffle_block,
+                                       weights=cfg.data.train_weights)
+        steps_per_epoch = samples_per_epoch // self.global_batch
         if steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: global batch {self.global_batch} is larger than the "
-                              f"{len(train_shards)} samples of data.train")
+                              f"{samples_per_epoch} samples of an epoch of data.train")
         self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
         self.run_dir = Path(cfg.log.dir) / cfg.run.name
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, dims)

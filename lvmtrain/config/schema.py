@@ -54,6 +54,9 @@ class DataConfig:
     train: str = ""
     """Training shards: a brace-expanded spec such as `/data/laion/{00000..00099}.tar`; several
     specs joined with `::`."""
+    train_weights: list[float] = field(default_factory=list)
+    """Mixing weights, one per `::`-separated source of `data.train` (empty: 1 each). A source of
+    weight w is seen w times per epoch (2: twice; 0.5: a different half each epoch)."""
     val: str = ""
     """Evaluation shards (same syntax); empty disables evaluation."""
     batch_size: int = 32
@@ -208,6 +211,11 @@ class Config:
                   "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
         if self.data.workers < 0:
             raise ConfigError("data.workers: must be >= 0")
+        sources = len([p for p in self.data.train.split("::") if p.strip()])
+        if self.data.train_weights and (len(self.data.train_weights) != sources
+                                        or min(self.data.train_weights) <= 0):
+            raise ConfigError(f"data.train_weights: give {sources} positive weight(s), one per '::'-separated "
+                              f"source of data.train, not {self.data.train_weights}")
         if not 0 <= self.data.max_bad_fraction <= 1:
             raise ConfigError("data.max_bad_fraction: must be in [0, 1]")
         if not 0 < self.data.crop_scale_min <= 1:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order
+from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order, epoch_size
 from lvmtrain.data.transforms import ImageTransform, decode_rgb_array
 
 
@@ -105,7 +105,14 @@ class _SampleDecoder:
             raise DataError(f"every sample of a batch is unusable (first: {bad[0]}); "
                             "run `lvmtrain data check` on these shards")
         samples = good + [good[j % len(good)] for j in range(len(bad) if fill else 0)]
-        batch = {"image": torch.stack([s["image"] for s in samples]), "keys": [s["key"] for s in good],
+        images = torch.empty((len(samples), *samples[0]["image"].shape), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # NOTE: filled in place in shared memory, the batch crosses to the training process
+            # without the copy DataLoader would otherwise make when pickling it.
+            images.share_memory_()
+        for i, s in enumerate(samples):
+            images[i] = s["image"]
+        batch = {"image": images, "keys": [s["key"] for s in good],
                  "shards": [s["shard"] for s in good],
                  "skipped": [{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad]}
         if "text" in samples[0]:
@@ -146,29 +153,30 @@ class TrainBatches(IterableDataset):
     """
 
     def __init__(self, decoder: _SampleDecoder, *, rank: int, world: int, batch_size: int, accum: int,
-                 seed: int, start: Cursor, block: int, window: int):
+                 seed: int, start: Cursor, block: int, window: int, weights: list[float] | None = None):
         self.decoder = decoder
         self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum
         self.seed, self.start, self.block, self.window = seed, start, block, window
+        self.weights = weights or None
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world * self.accum
 
     def steps_per_epoch(self) -> int:
-        return len(self.decoder.shards) // self.global_batch
+        ranges = self.decoder.shards.source_ranges()
+        return epoch_size(ranges, block=self.block, weights=self.weights) // self.global_batch
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        n, g, b = len(self.decoder.shards), self.global_batch, self.batch_size
+        g, b = self.global_batch, self.batch_size
+        ranges = self.decoder.shards.source_ranges()
         epoch, consumed, micro = self.start.epoch, self.start.consumed, 0
         while True:
-            if n - consumed < g:
-                epoch, consumed = epoch + 1, 0
-                continue
-            order = epoch_order(n, seed=self.seed, epoch=epoch, block=self.block, window=self.window)
-            while n - consumed >= g:
+            order = epoch_order(ranges, seed=self.seed, epoch=epoch, block=self.block, window=self.window,
+                                weights=self.weights)
+            while len(order) - consumed >= g:
                 for m in range(self.accum):
                     if micro % workers == worker:
                         lo = consumed + (m * self.world + self.rank) * b
@@ -179,6 +187,7 @@ class TrainBatches(IterableDataset):
                         yield batch
                     micro += 1
                 consumed += g
+            epoch, consumed = epoch + 1, 0
 
 
 class EvalBatches(IterableDataset):
@@ -217,7 +226,8 @@ def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, tokenize
     """This rank's training micro-batches from cursor `start` (cfg: DataConfig)."""
     dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer),
                            rank=dims.rank, world=dims.world, batch_size=cfg.batch_size, accum=accum,
-                           seed=seed, start=start, block=cfg.shuffle_block, window=cfg.shuffle_window)
+                           seed=seed, start=start, block=cfg.shuffle_block, window=cfg.shuffle_window,
+                           weights=cfg.train_weights)
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
 
 

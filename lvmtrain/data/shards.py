@@ -144,8 +144,9 @@ class ShardSet:
     and count. Only when no shard has a sample is it an error.
     """
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], source_of_shard: list[int] | None = None):
         self.urls = urls
+        self.source_of_shard = source_of_shard or [0] * len(urls)
         self.samples, self.problems = [], []
         for url in urls:
             samples, problem = scan_shard(url)
@@ -160,30 +161,68 @@ class ShardSet:
 
     @classmethod
     def from_spec(cls, spec: str) -> ShardSet:
-        return cls(expand_spec(spec))
+        """Shards of a spec; each `::`-separated part is a source (for `data.train_weights`)."""
+        urls, sources = [], []
+        for i, part in enumerate(p for p in spec.split("::") if p.strip()):
+            part_urls = expand_spec(part)
+            urls += part_urls
+            sources += [i] * len(part_urls)
+        return cls(urls, sources)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def source_ranges(self) -> list[tuple[int, int]]:
+        """[lo, hi) of global sample indices per source, in spec order."""
+        ranges = []
+        for source in range(max(self.source_of_shard) + 1):
+            shards = [i for i, s in enumerate(self.source_of_shard) if s == source]
+            ranges.append((int(self.offsets[shards[0]]), int(self.offsets[shards[-1] + 1])))
+        return ranges
 
     def locate(self, index: int) -> tuple[int, Sample]:
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return shard, self.samples[shard][index - self.offsets[shard]]
 
 
-def epoch_order(num_samples: int, *, seed: int, epoch: int, block: int, window: int) -> np.ndarray:
-    """The epoch's permutation of 0..num_samples-1.
+def epoch_order(ranges: list[tuple[int, int]], *, seed: int, epoch: int, block: int, window: int,
+                weights: list[float] | None = None) -> np.ndarray:
+    """The epoch's order of global sample indices, from the sources' index ranges.
 
-    Blocks of `block` consecutive samples are permuted (so a reader seeks once per block), then
-    samples are shuffled inside windows of `window` blocks (so a batch mixes several shards).
+    Each source is cut into blocks of `block` consecutive samples (a reader then seeks once per
+    block). A source of weight w contributes floor(w) copies of all its blocks plus a seeded share
+    frac(w) of them (a different share each epoch): w = 2 doubles a source per epoch, 0.5 shows
+    half of it. All blocks are permuted together, then samples are shuffled inside windows of
+    `window` blocks so a batch mixes several shards. Depends only on the arguments, never on ranks.
     """
     rng = np.random.default_rng([seed, epoch])
-    starts = np.arange(0, num_samples, block)
-    blocks = [np.arange(s, min(s + block, num_samples)) for s in rng.permutation(starts)]
-    order = np.concatenate(blocks)
+    weights = weights or [1.0] * len(ranges)
+    blocks = []
+    for (lo, hi), w in zip(ranges, weights):
+        starts = np.arange(lo, hi, block)
+        whole, frac = divmod(w, 1.0)
+        chosen = [starts] * int(whole) + [rng.permutation(starts)[:int(round(frac * len(starts)))]]
+        blocks += [np.arange(b, min(b + block, hi)) for b in np.concatenate(chosen)]
+    order = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))]) if blocks else np.zeros(0, np.int64)
     span = block * window
-    for s in range(0, num_samples, span):
+    for s in range(0, len(order), span):
         rng.shuffle(order[s:s + span])
     return order
+
+
+def epoch_size(ranges: list[tuple[int, int]], *, block: int, weights: list[float] | None = None) -> int:
+    """len(epoch_order(...)) without building it."""
+    weights = weights or [1.0] * len(ranges)
+    total = 0
+    for (lo, hi), w in zip(ranges, weights):
+        sizes = [min(block, hi - b) for b in range(lo, hi, block)]
+        whole, frac = divmod(w, 1.0)
+        total += int(whole) * (hi - lo)
+        if frac:
+            # NOTE: which blocks make the fractional share varies by epoch and the last block of a
+            # source may be short, so the epoch length uses full blocks only when all are full.
+            total += int(round(frac * len(sizes))) * min(sizes)
+    return total
 
 
 @dataclass

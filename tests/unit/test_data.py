@@ -11,7 +11,7 @@ from PIL import Image
 
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
-from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, index_shard
+from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, epoch_size, index_shard
 from lvmtrain.data.tokenizer import CLIPTokenizer
 from lvmtrain.data.transforms import ImageNormalizer, ImageTransform, decode_rgb, decode_rgb_array
 
@@ -49,11 +49,31 @@ def test_index_matches_tarfile(shards, train_set):
 
 
 def test_epoch_order_is_a_seeded_permutation():
-    a = epoch_order(1000, seed=1, epoch=0, block=64, window=4)
+    a = epoch_order([(0, 1000)], seed=1, epoch=0, block=64, window=4)
     assert sorted(a) == list(range(1000))
-    assert np.array_equal(a, epoch_order(1000, seed=1, epoch=0, block=64, window=4))
-    assert not np.array_equal(a, epoch_order(1000, seed=1, epoch=1, block=64, window=4))
+    assert np.array_equal(a, epoch_order([(0, 1000)], seed=1, epoch=0, block=64, window=4))
+    assert not np.array_equal(a, epoch_order([(0, 1000)], seed=1, epoch=1, block=64, window=4))
     assert not np.array_equal(a, np.arange(1000))
+
+
+def test_weighted_sources():
+    ranges = [(0, 640), (640, 1280), (1280, 1600)]
+    orders = [epoch_order(ranges, seed=0, epoch=e, block=64, window=4, weights=[2, 0.5, 1]) for e in range(2)]
+    for order in orders:
+        assert len(order) == epoch_size(ranges, block=64, weights=[2, 0.5, 1]) == 1280 + 320 + 320
+        counts = np.bincount(order, minlength=1600)
+        assert (counts[:640] == 2).all() and (counts[1280:] == 1).all()
+        assert counts[640:1280].sum() == 320 and set(counts[640:1280]) == {0, 1}
+    # The half of source 1 shown changes from epoch to epoch.
+    assert not np.array_equal(np.bincount(orders[0], minlength=1600)[640:1280],
+                              np.bincount(orders[1], minlength=1600)[640:1280])
+
+
+def test_spec_sources_map_to_index_ranges(shards):
+    a, b = shards["train"].replace("{00000..00001}", "00000"), shards["train"].replace("{00000..00001}", "00001")
+    two = ShardSet.from_spec(f"{a}::{b}")
+    assert two.source_ranges() == [(0, 768), (768, 1536)]
+    assert ShardSet.from_spec(shards["train"]).source_ranges() == [(0, 1536)]
 
 
 def test_global_batches_do_not_depend_on_world_size_or_workers(train_set):

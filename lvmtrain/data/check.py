@@ -1,0 +1,284 @@
+"""Pre-flight check of a shard spec, before a run spends GPU hours finding out.
+
+Every shard is looked at, and a bad one never stops the check: the report names each missing,
+unreadable or truncated shard ("corrupt") and says what to do, counts samples (from img2dataset's
+`NNNNN_stats.json` or `lvmtrain data build`'s `_stats.json` when present, else from the tar index),
+decodes the first few samples of every shard, and turns the totals into what a run on `world`
+ranks will see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lvmtrain.data.shards import DataError, Sample, expand_spec, scan_shard
+from lvmtrain.data.transforms import decode_rgb
+
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+
+
+@dataclass
+class ShardReport:
+    """One shard: `status` is "ok", "missing" or "corrupt" (`error` says why)."""
+
+    path: str
+    status: str
+    bytes: int = 0
+    samples: int = 0
+    """Samples the tar index found."""
+    stats_samples: int | None = None
+    """Samples claimed by a `_stats.json` beside the shard, when there is one."""
+    count_source: str = "index"
+    """Where `count` comes from: "index", or the stats file's name."""
+    decoded: int = 0
+    bad: int = 0
+    first_bad: str = ""
+    """`key: reason` of the first sample that failed to decode."""
+    with_caption: int = 0
+    """Decoded samples that have a caption file (valid or not: an invalid one counts as bad)."""
+    with_label: int = 0
+    error: str = ""
+
+    @property
+    def count(self) -> int:
+        """The sample count used for the totals: the stats file's when present, else the index's."""
+        return self.stats_samples if self.stats_samples is not None else self.samples
+
+    @property
+    def bad_rate(self) -> float:
+        return self.bad / self.decoded if self.decoded else 0.0
+
+
+@dataclass
+class CheckReport:
+    spec: str
+    world: int
+    workers: int
+    batch_size: int | None
+    shards: list[ShardReport]
+    problems: list[str] = field(default_factory=list)
+    """Shards that cannot be trained on: the CLI exits 1 when there is any."""
+    warnings: list[str] = field(default_factory=list)
+
+    def _by_status(self, status: str) -> list[ShardReport]:
+        return [s for s in self.shards if s.status == status]
+
+    @property
+    def ok(self) -> int:
+        return len(self._by_status("ok"))
+
+    @property
+    def missing(self) -> int:
+        return len(self._by_status("missing"))
+
+    @property
+    def corrupt(self) -> int:
+        return len(self._by_status("corrupt"))
+
+    @property
+    def samples(self) -> int:
+        """Samples in the usable shards."""
+        return sum(s.count for s in self._by_status("ok"))
+
+    @property
+    def decoded(self) -> int:
+        return sum(s.decoded for s in self.shards)
+
+    @property
+    def bad(self) -> int:
+        return sum(s.bad for s in self.shards)
+
+    @property
+    def bad_rate(self) -> float:
+        return self.bad / self.decoded if self.decoded else 0.0
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps of one epoch (no accumulation); the last partial global batch is dropped."""
+        return self.samples // (self.batch_size * self.world) if self.batch_size else None
+
+    @property
+    def samples_per_rank(self) -> int:
+        if self.batch_size:
+            return self.steps_per_epoch * self.batch_size
+        return self.samples // self.world
+
+    def totals(self) -> dict:
+        return {
+            "shards": len(self.shards), "ok": self.ok, "missing": self.missing, "corrupt": self.corrupt,
+            "samples": self.samples, "samples_per_rank": self.samples_per_rank,
+            "steps_per_epoch": self.steps_per_epoch, "decoded": self.decoded, "bad": self.bad,
+            "bad_rate": self.bad_rate,
+        }
+
+    def to_dict(self) -> dict:
+        rows = []
+        for s in self.shards:
+            row = asdict(s)
+            row.update(count=s.count, bad_rate=s.bad_rate)
+            rows.append(row)
+        return {"spec": self.spec, "world": self.world, "workers": self.workers, "batch_size": self.batch_size,
+                "totals": self.totals(), "shards": rows, "problems": self.problems, "warnings": self.warnings}
+
+    def format(self, max_rows: int = 50) -> str:
+        """A table of the shards (bad ones first when there are many), totals, warnings, problems."""
+        lines = [f"{'shard':48s} {'status':8s} {'samples':>8s} {'source':>16s} {'decoded':>7s} {'bad':>4s} "
+                 f"{'caption':>7s} {'label':>5s}"]
+        rows = sorted(self.shards, key=lambda s: s.status == "ok") if len(self.shards) > max_rows else self.shards
+        for s in rows[:max_rows]:
+            name = s.path if len(s.path) <= 48 else "..." + s.path[-45:]
+            lines.append(f"{name:48s} {s.status:8s} {s.count:8d} {s.count_source:>16s} {s.decoded:7d} {s.bad:4d} "
+                         f"{s.with_caption:7d} {s.with_label:5d}")
+        if len(rows) > max_rows:
+            lines.append(f"... {len(rows) - max_rows} more shards (all ok); --json lists every shard")
+        t = self.totals()
+        lines.append("")
+        lines.append(f"shards: {t['shards']} ({t['ok']} ok, {t['missing']} missing, {t['corrupt']} corrupt)")
+        lines.append(f"samples: {t['samples']:,d} in the usable shards")
+        per_rank = f"samples per rank: {t['samples_per_rank']:,d} (world {self.world}"
+        if self.batch_size:
+            dropped = self.samples - t["steps_per_epoch"] * self.batch_size * self.world
+            per_rank += (f", batch {self.batch_size} per rank); steps per epoch: {t['steps_per_epoch']:,d} "
+                         f"({dropped} samples of the last partial global batch dropped)")
+        else:
+            per_rank += "); give --batch-size for steps per epoch"
+        lines.append(per_rank)
+        lines.append(f"decoded: {t['decoded']} samples, {t['bad']} bad ({100 * t['bad_rate']:.1f}%)")
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"problem: {p}" for p in self.problems]
+        lines.append("OK" if not self.problems else f"{len(self.problems)} problem(s): fix them before training")
+        return "\n".join(lines)
+
+
+def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int | None = None,
+                 decode_per_shard: int = 4, image_exts=IMAGE_EXTS, caption_ext: str = "txt",
+                 label_ext: str = "cls") -> CheckReport:
+    """Check every shard of `spec`; never raises for a bad shard (it becomes a problem line)."""
+    if world < 1 or workers < 0 or (batch_size is not None and batch_size < 1) or decode_per_shard < 0:
+        raise DataError(f"--world ({world}) and --batch-size ({batch_size}) must be >= 1, --workers ({workers}) "
+                        f"and --decode ({decode_per_shard}) >= 0")
+    urls = expand_spec(spec)
+    stats_cache: dict[Path, dict | None] = {}
+    rows = [_check_one(url, decode_per_shard, tuple(image_exts), caption_ext, label_ext, stats_cache)
+            for url in urls]
+    report = CheckReport(spec, world, workers, batch_size, rows)
+    for s in rows:
+        if s.status == "missing":
+            report.problems.append(f"{s.path}: missing ({s.error}); fix the spec's brace range or copy the shard "
+                                   "there")
+        elif s.status == "corrupt":
+            advice = "" if "rebuild" in s.error else "; rebuild it (`lvmtrain data build`, img2dataset) or drop it"
+            report.problems.append(f"{s.path}: corrupt: {s.error}{advice}")
+            continue
+        if s.status != "ok":
+            continue
+        if s.stats_samples is not None and s.stats_samples != s.samples:
+            report.warnings.append(f"{s.path}: {s.count_source} says {s.stats_samples} samples, the tar holds "
+                                   f"{s.samples}; the stats file is stale or the shard was rewritten")
+        if s.bad:
+            report.warnings.append(f"{s.path}: {s.bad} of {s.decoded} decoded samples are bad (first: "
+                                   f"{s.first_bad}); the loader skips them, but check the source data")
+    ok = [s for s in rows if s.status == "ok"]
+    for what, attr in (("caption", "with_caption"), ("label", "with_label")):
+        have = sum(getattr(s, attr) for s in ok)
+        decoded = sum(s.decoded for s in ok)
+        if 0 < have < decoded:
+            ext = caption_ext if what == "caption" else label_ext
+            report.warnings.append(f"{decoded - have} of {decoded} decoded samples have no .{ext} {what}; "
+                                   f"training that needs the {what} will fail on them")
+    if workers and len(urls) < world * workers:
+        per = max(1, -(-report.samples // (world * workers)))
+        report.warnings.append(
+            f"{len(urls)} shards < world x workers = {world} x {workers} = {world * workers}: streaming readers "
+            f"(webdataset split_by_node / split_by_worker) would leave workers without a shard (the indexed "
+            f"loader is not affected); for streaming, reshard with `lvmtrain data build '{spec}' OUT "
+            f"--per-shard {per}`")
+    if report.samples and batch_size and report.steps_per_epoch == 0:
+        report.warnings.append(f"{report.samples} samples are fewer than one global batch ({batch_size} x "
+                               f"{world}): an epoch has no step")
+    return report
+
+
+def _check_one(url: str, decode_per_shard: int, image_exts: tuple, caption_ext: str, label_ext: str,
+               stats_cache: dict) -> ShardReport:
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if "://" in path or path.startswith("pipe:"):
+        return ShardReport(url, "missing", error="only local shards can be checked; copy or mount them locally")
+    if not os.path.exists(path):
+        return ShardReport(url, "missing", error="no such file")
+    row = ShardReport(url, "ok", bytes=os.path.getsize(path))
+    samples, problem = scan_shard(path)
+    row.samples = len(samples)
+    if problem:  # unreadable, or truncated (`samples` then counts those before the cut)
+        row.status, row.error = "corrupt", problem[1].removeprefix(f"{url}: ")
+        return row
+    if not samples:
+        row.status, row.error = "corrupt", "a tar with no samples in it"
+        return row
+    row.stats_samples, row.count_source = _stats_count(Path(path), stats_cache)
+    _decode_first(path, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext)
+    return row
+
+
+def _stats_count(shard: Path, cache: dict) -> tuple[int | None, str]:
+    """Samples claimed by `{stem}_stats.json` (img2dataset) or the folder's `_stats.json` (data build)."""
+    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.stem
+    own = shard.with_name(f"{stem}_stats.json")
+    stats = _read_json(own, cache)
+    if stats is not None and isinstance(stats.get("successes"), int):
+        return stats["successes"], own.name
+    folder = _read_json(shard.with_name("_stats.json"), cache)
+    if folder is not None and isinstance(folder.get("shards"), dict):
+        n = folder["shards"].get(shard.name)
+        if isinstance(n, int):
+            return n, "_stats.json"
+    return None, "index"
+
+
+def _read_json(path: Path, cache: dict) -> dict | None:
+    if path not in cache:
+        try:
+            value = json.loads(path.read_text())
+            cache[path] = value if isinstance(value, dict) else None
+        except (OSError, ValueError):
+            cache[path] = None
+    return cache[path]
+
+
+def _decode_first(path: str, samples: list[Sample], row: ShardReport, image_exts: tuple, caption_ext: str,
+                  label_ext: str) -> None:
+    with open(path, "rb") as f:
+        def read(sample: Sample, ext: str) -> bytes:
+            offset, size = sample.files[ext]
+            f.seek(offset)
+            return f.read(size)
+
+        for sample in samples:
+            row.decoded += 1
+            reason = ""
+            ext = next((e for e in image_exts if e in sample.files), None)
+            if ext is None:
+                reason = f"no image (.{' .'.join(image_exts)}) among .{' .'.join(sorted(sample.files))}"
+            else:
+                try:
+                    decode_rgb(read(sample, ext))
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+                    reason = f".{ext} does not decode ({type(e).__name__}: {e})"
+            if caption_ext in sample.files:
+                row.with_caption += 1
+                try:
+                    read(sample, caption_ext).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    reason = reason or f".{caption_ext} is not UTF-8 ({e})"
+            if label_ext in sample.files:
+                row.with_label += 1
+                try:
+                    int(read(sample, label_ext).decode("utf-8").strip())
+                except (UnicodeDecodeError, ValueError):
+                    reason = reason or f".{label_ext} is not an integer"
+            if reason:
+                row.bad += 1
+                row.first_bad = row.first_bad or f"{sample.key}: {reason}"
