@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order, epoch_size
+from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order, epoch_size, open_shard
 from lvmtrain.data.transforms import ImageTransform, decode_rgb_array
 
 
@@ -30,24 +30,45 @@ class Fields:
 
 
 class _Reader:
-    """Reads a sample's files by byte offset, keeping a few shards open per worker."""
+    """Reads a sample's files by byte offset, keeping a few shards open per worker.
+
+    Local files and fsspec URLs seek (one range request per read, so a block of consecutive
+    samples costs one round trip with fsspec's read-ahead). A `pipe:` stream cannot seek: it is
+    read forward, and reopened when a read lies behind it; prefer a seekable URL for remote data.
+    """
 
     def __init__(self, shards: ShardSet, max_open: int = 8):
         self.shards = shards
         self.max_open = max_open
-        self.files: OrderedDict[int, object] = OrderedDict()
+        self.files: OrderedDict[int, list] = OrderedDict()  # shard -> [file, position or None]
 
     def read(self, shard: int, sample: Sample, ext: str) -> bytes:
-        f = self.files.pop(shard, None)
-        if f is None:
-            path = self.shards.urls[shard]
-            f = open(path[5:] if path.startswith("file:") else path, "rb")
-            if len(self.files) >= self.max_open:
-                self.files.popitem(last=False)[1].close()
-        self.files[shard] = f
+        entry = self.files.pop(shard, None)
         offset, size = sample.files[ext]
-        f.seek(offset)
-        return f.read(size)
+        if entry is not None and entry[1] is not None and entry[1] > offset:
+            entry[0].close()  # a stream already past this sample
+            entry = None
+        if entry is None:
+            f = open_shard(self.shards.urls[shard])
+            entry = [f, None if getattr(f, "seekable", lambda: False)() else 0]
+            if len(self.files) >= self.max_open:
+                self.files.popitem(last=False)[1][0].close()
+        self.files[shard] = entry
+        f, pos = entry
+        if pos is None:
+            f.seek(offset)
+        else:
+            while pos < offset:
+                chunk = f.read(min(offset - pos, 1 << 20))
+                if not chunk:
+                    raise OSError("shard ended before the sample")
+                pos += len(chunk)
+        data = f.read(size)
+        if pos is not None:
+            entry[1] = offset + len(data)
+        if len(data) != size:
+            raise OSError(f"shard ended {size - len(data)} bytes early")
+        return data
 
 
 class _SampleDecoder:

@@ -8,6 +8,7 @@ slice [t*G, (t+1)*G) of that order (G = global batch); the whole data position i
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import tarfile
@@ -58,16 +59,16 @@ def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
     Grouping by key rather than by adjacency also reads shards whose members are not in key
     order (img2dataset writes samples as downloads finish).
     """
-    local = path[len("file:"):] if path.startswith("file:") else path
-    if "://" in local or local.startswith("pipe:"):
-        return [], ("unreadable_shard", f"{path}: only local shards can be indexed in this version; "
-                                        "copy or mount them locally")
-    if not os.path.isfile(local):
+    try:
+        source = open_shard(path)
+    except FileNotFoundError:
         return [], ("unreadable_shard", f"{path}: shard not found; check the shard spec")
+    except OSError as e:
+        return [], ("unreadable_shard", f"{path}: cannot open ({e}); check the URL and credentials")
     samples: dict[str, Sample] = {}
     problem = None
     try:
-        for name, offset, size in _tar_members(local):
+        for name, offset, size in _tar_members(source):
             prefix, ext = base_plus_ext(name)
             if prefix is None or name.rpartition("/")[2].startswith("_"):
                 continue
@@ -79,28 +80,89 @@ def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
                                       "the cut are used; rebuild this shard")
     except (tarfile.TarError, OSError, ValueError) as e:
         return [], ("unreadable_shard", f"{path}: not a readable tar file ({e}); rebuild or remove this shard")
+    finally:
+        source.close()
     return list(samples.values()), problem
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local shard URL (plain path or file:), else None."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if url.startswith("file:"):
+        return url[len("file:"):]
+    return None if "://" in url or url.startswith("pipe:") else url
+
+
+def open_shard(url: str):
+    """A binary file object for a shard: local files and fsspec URLs (s3://, gs://, http(s)://, ...)
+    are seekable (one range request per read); `pipe:CMD` is a stream (webdataset's gopen)."""
+    path = local_path(url)
+    if path is not None:
+        return open(path, "rb")
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
 
 
 class _Truncated(Exception):
     pass
 
 
-def _tar_members(path: str):
+class _Bytes:
+    """Sequential reads over a tar: a memory map for local files (fast), or any file object."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.view = f, 0, None
+        self.size = getattr(f, "size", None)  # fsspec files know their size
+        name = getattr(f, "name", None)
+        if isinstance(name, str) and name and local_path(name) is not None:
+            self.size = os.fstat(f.fileno()).st_size
+            self.view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+
+    def read(self, n: int) -> bytes:
+        out = self.view[self.pos:self.pos + n] if self.view is not None else self.f.read(n)
+        self.pos += len(out)
+        return out
+
+    def skip(self, n: int) -> bool:
+        """Skip n bytes; False when the data ends first."""
+        if self.size is not None:
+            if self.pos + n > self.size:
+                return False
+            if self.view is None:
+                self.f.seek(self.pos + n)
+        else:
+            left = n
+            while left > 0:
+                chunk = self.f.read(min(left, 1 << 20))
+                if not chunk:
+                    return False
+                left -= len(chunk)
+        self.pos += n
+        return True
+
+
+def _tar_members(f):
     """Yield (name, data offset, size) of a tar's regular files from their 512-byte headers.
 
     NOTE: 20x faster than iterating `tarfile.TarFile`, which builds a TarInfo per member; long
-    names (GNU 'L', pax 'x' path=) are handled, other extensions are skipped.
+    names (GNU 'L', pax 'x' path=) are handled, other extensions are skipped. Works on streams
+    (pipe:, no seeking) as well as files.
     """
-    with open(path, "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
-    pos, long_name, end = 0, None, len(data)
+    data = _Bytes(f)
+    long_name = None
     while True:
-        if pos + 512 > end:
+        pos = data.pos
+        header = data.read(512)
+        if len(header) < 512:
             # NOTE: a complete tar ends with zero blocks; running out of bytes first means it was
             # cut (a copy or download that died).
             raise _Truncated(pos)
-        header = data[pos:pos + 512]
         if header.count(0) == 512:
             break
         if header[257:262] != b"ustar" and tarfile.calc_chksums(header)[0] != _octal(header[148:156]):
@@ -108,25 +170,29 @@ def _tar_members(path: str):
         size = _octal(header[124:136])
         kind = header[156:157]
         body = pos + 512
-        if body + size > end:
+        padded = (size + 511) // 512 * 512
+        if kind in (b"L", b"x"):
+            payload = data.read(padded)
+            if len(payload) < padded:
+                raise _Truncated(pos)
+            if kind == b"L":
+                long_name = payload[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            else:
+                for rec in payload[:size].decode("utf-8", "surrogateescape").split("\n"):
+                    if " path=" in rec:
+                        long_name = rec.split(" path=", 1)[1]
+            continue
+        if not data.skip(padded):
             raise _Truncated(pos)
-        if kind == b"L":
-            long_name = data[body:body + size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif kind == b"x":
-            for rec in data[body:body + size].decode("utf-8", "surrogateescape").split("\n"):
-                if " path=" in rec:
-                    long_name = rec.split(" path=", 1)[1]
-        else:
-            if kind in (b"0", b"\0", b"7"):
-                name = long_name
-                if name is None:
-                    name = header[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
-                    prefix = header[345:500].rstrip(b"\0")
-                    if header[257:262] == b"ustar" and prefix:
-                        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-                yield name, body, size
-            long_name = None
-        pos = body + (size + 511) // 512 * 512
+        if kind in (b"0", b"\0", b"7"):
+            name = long_name
+            if name is None:
+                name = header[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                prefix = header[345:500].rstrip(b"\0")
+                if header[257:262] == b"ustar" and prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            yield name, body, size
+        long_name = None
 
 
 def _octal(field: bytes) -> int:
