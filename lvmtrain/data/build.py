@@ -23,7 +23,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from lvmtrain.data.shards import DataError, Sample, expand_spec, index_shard
+from lvmtrain.data.shards import (  # noqa: F401 - the index format lives with the reader
+    INDEX_SUFFIX, DataError, Sample, expand_spec, index_path, index_shard, load_index, write_index)
 from lvmtrain.data.transforms import decode_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,44 +98,6 @@ def build_demo(out: str | Path, per_shard: int = 5000) -> dict:
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return meta
-
-
-# --- index sidecars -----------------------------------------------------------------------------
-
-INDEX_VERSION = 1
-INDEX_SUFFIX = ".idx.json"
-
-
-def index_path(shard: str | Path) -> Path:
-    """The index sidecar of a shard: `NAME.tar` -> `NAME.tar.idx.json`."""
-    return Path(str(shard) + INDEX_SUFFIX)
-
-
-def write_index(path: str | Path, samples: list[Sample]) -> None:
-    """Write a shard's index (`{"version": 1, "samples": [[key, {ext: [offset, size]}], ...]}`) atomically.
-
-    Offsets are those of the member data, as `index_shard` computes them.
-    """
-    path = Path(path)
-    doc = {"version": INDEX_VERSION,
-           "samples": [[s.key, {ext: [int(o), int(n)] for ext, (o, n) in s.files.items()}] for s in samples]}
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
-def load_index(path: str | Path) -> list[Sample]:
-    """Read an index sidecar written by `write_index` back into `Sample`s, in the order written."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the shard index ({e}); delete it, or rebuild the shards with "
-                        "`lvmtrain data build`") from None
-    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("samples"), list):
-        raise DataError(f"{path}: not a version {INDEX_VERSION} shard index; delete it, or rebuild the shards "
-                        "with `lvmtrain data build`")
-    return [Sample(key, {ext: (int(o), int(n)) for ext, (o, n) in files.items()}) for key, files in doc["samples"]]
 
 
 # --- building shards ----------------------------------------------------------------------------

@@ -9,10 +9,12 @@ slice [t*G, (t+1)*G) of that order (G = global batch); the whole data position i
 from __future__ import annotations
 
 import io
+import json
 import mmap
 import os
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import braceexpand
 import numpy as np
@@ -59,6 +61,9 @@ def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
     Grouping by key rather than by adjacency also reads shards whose members are not in key
     order (img2dataset writes samples as downloads finish).
     """
+    sidecar = _fresh_sidecar(path)
+    if sidecar is not None:
+        return sidecar, None
     try:
         source = open_shard(path)
     except FileNotFoundError:
@@ -85,6 +90,23 @@ def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
     return list(samples.values()), problem
 
 
+def _fresh_sidecar(url: str) -> list[Sample] | None:
+    """The samples of a shard's index sidecar (written by `lvmtrain data build`), when there is
+    one no older than the shard: it spares a scan, which for a remote shard is a full download."""
+    path = local_path(url)
+    try:
+        if path is not None:
+            side = index_path(path)
+            if not side.is_file() or side.stat().st_mtime < os.stat(path).st_mtime:
+                return None
+            return load_index(side)
+        if url.startswith("pipe:"):
+            return None
+        return load_index(url + INDEX_SUFFIX)
+    except (DataError, OSError):
+        return None
+
+
 def local_path(url: str) -> str | None:
     """The filesystem path of a local shard URL (plain path or file:), else None."""
     if url.startswith("file://"):
@@ -107,6 +129,43 @@ def open_shard(url: str):
     import fsspec
 
     return fsspec.open(url, "rb").open()
+
+
+INDEX_VERSION = 1
+INDEX_SUFFIX = ".idx.json"
+
+
+def index_path(shard: str | Path) -> Path:
+    """The index sidecar of a shard: `NAME.tar` -> `NAME.tar.idx.json`."""
+    return Path(str(shard) + INDEX_SUFFIX)
+
+
+def write_index(path: str | Path, samples: list[Sample]) -> None:
+    """Write a shard's index (`{"version": 1, "samples": [[key, {ext: [offset, size]}], ...]}`) atomically.
+
+    Offsets are those of the member data, as `index_shard` computes them.
+    """
+    path = Path(path)
+    doc = {"version": INDEX_VERSION,
+           "samples": [[s.key, {ext: [int(o), int(n)] for ext, (o, n) in s.files.items()}] for s in samples]}
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def load_index(path: str | Path) -> list[Sample]:
+    """Read an index sidecar written by `write_index` back into `Sample`s, in the order written.
+    `path` may be a URL (anything `open_shard` opens)."""
+    try:
+        with open_shard(str(path)) as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the shard index ({e}); delete it, or rebuild the shards with "
+                        "`lvmtrain data build`") from None
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("samples"), list):
+        raise DataError(f"{path}: not a version {INDEX_VERSION} shard index; delete it, or rebuild the shards "
+                        "with `lvmtrain data build`")
+    return [Sample(key, {ext: (int(o), int(n)) for ext, (o, n) in files.items()}) for key, files in doc["samples"]]
 
 
 class _Truncated(Exception):

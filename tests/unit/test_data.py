@@ -188,3 +188,18 @@ def test_truncated_stream_is_reported(tmp_path, shards):
     local, remote = ShardSet.from_spec(str(cut)), ShardSet.from_spec(f"pipe:cat {cut}")
     assert len(local) == len(remote) and 300 < len(local) < 400
     assert local.problems[0][1] == remote.problems[0][1] == "truncated_shard"
+
+
+def test_fresh_index_sidecar_spares_the_scan_and_a_stale_one_is_ignored(tmp_path, shards):
+    import os
+
+    from lvmtrain.data.shards import index_path, write_index
+
+    shard = tmp_path / "s.tar"
+    shard.write_bytes((shards["dir"] / "train" / "train-00000.tar").read_bytes())
+    samples = index_shard(str(shard))
+    write_index(index_path(shard), samples[:10])  # a sidecar that lists only 10 samples
+    assert len(ShardSet.from_spec(str(shard))) == 10  # read from the sidecar, not the tar
+    assert len(ShardSet.from_spec(f"file://{shard}")) == 10
+    os.utime(index_path(shard), (1, 1))  # older than the shard: stale
+    assert len(ShardSet.from_spec(str(shard))) == 768
