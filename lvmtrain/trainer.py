@@ -18,7 +18,7 @@ from lvmtrain.checkpoint import CheckpointManager
 from lvmtrain.config.loader import config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
-from lvmtrain.data.loader import build_eval_loader, build_train_loader
+from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight
 from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
@@ -88,6 +88,8 @@ class Trainer:
             self.tokenizer = CLIPTokenizer(context_length=model.context_length)
         self.image_size = model.image_size
         self.normalize = ImageNormalizer(cfg.data.mean, cfg.data.std)
+        print0(preflight(train_shards, cfg.data, image_size=self.image_size, tokenizer=self.tokenizer),
+               enabled=dims.is_main)
         self.train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=self.image_size,
                                                tokenizer=self.tokenizer, accum=cfg.train.grad_accum_steps,
                                                seed=cfg.train.seed, start=self.cursor)

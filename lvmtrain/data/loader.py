@@ -256,3 +256,29 @@ def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_siz
     dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, tokenizer=None),
                           rank=dims.rank, world=dims.world, batch_size=batch_size)
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
+
+
+def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, max_shards: int = 64) -> str:
+    """Decode the first sample of (up to `max_shards`) shards the way training will, before step 1.
+
+    A run whose every probe fails (a wrong data.image_key or caption_key, shards of another
+    layout) stops here with the reason instead of after its first batch; some failures are
+    reported and left to the per-sample budget. Returns a one-line summary.
+    """
+    decoder = _decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer)
+    usable = [i for i, samples in enumerate(shards.samples) if samples]
+    probes = usable[:: max(1, len(usable) // max_shards)][:max_shards]
+    failures = []
+    for shard in probes:
+        try:
+            decoder(int(shards.offsets[shard]), np.random.default_rng(0))
+        except BadSample as e:
+            failures.append(e)
+    if failures and len(failures) == len(probes):
+        raise DataError(f"pre-flight: the first sample of all {len(probes)} probed shards is unusable, e.g. "
+                        f"{failures[0]}; check data.image_key / data.caption_key / data.label_key "
+                        "(`lvmtrain data check` lists what the shards hold)")
+    for e in failures[:5]:
+        print(f"lvmtrain: pre-flight: {e}", file=sys.stderr)
+    return (f"pre-flight: {len(shards.urls)} shards ({len(usable)} usable), {len(shards):,} samples; "
+            f"{len(probes) - len(failures)}/{len(probes)} probe samples decode")

@@ -58,3 +58,11 @@ def test_kill_9_then_resume_continues_the_same_run(tmp_path, shards):
     # fp32, one process, same threads: the resumed run is the same run.
     assert killed == straight
     assert yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())["run"]["name"] == "killed"
+
+
+def test_preflight_stops_a_misconfigured_run_before_step_1(tmp_path, shards):
+    proc = run_lvmtrain(["train", "configs/debug/clip.yaml", f"data.train={shards['train']}", "data.val=",
+                         "data.caption_key=text", f"log.dir={tmp_path}", "train.steps=5"], check=False)
+    assert proc.returncode == 2
+    assert "pre-flight" in proc.stderr and "no .text file" in proc.stderr and "data.caption_key" in proc.stderr
+    assert not (tmp_path / "clip_debug" / "metrics.jsonl").exists()
