@@ -1,6 +1,6 @@
 """Images/s of the full training data pipeline vs raw JPEG decode of the same images, same cores.
 
-    python benchmarks/data_throughput.py [--images 2000 --size 224 --workers 2]
+    python benchmarks/data_throughput.py [--images 6000 --size 224 --workers 2]
 
 Raw decode (PIL: open + decode to RGB, nothing else) is the physical limit of any JPEG loader on
 these cores. The pipeline is lvmtrain's training loader: tar read by offset, decode, RGB,
@@ -75,7 +75,7 @@ def pipeline_rate(spec: str, n: int, size: int, workers: int, batch: int) -> flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=6000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=50)
