@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
     blobs = make_jpegs(args.images, side=args.size * 8 // 7)
@@ -86,10 +87,16 @@ def main() -> None:
         with wds.TarWriter(str(Path(tmp) / "b-0.tar")) as sink:
             for i, b in enumerate(blobs):
                 sink.write({"__key__": f"{i:06d}", "jpg": b, "cls": str(i % 10)})
-        raw = raw_decode_rate(blobs, args.workers)
-        ours = pipeline_rate(f"{tmp}/b-0.tar", args.images, args.size, args.workers, args.batch)
-    print(f"{args.images} JPEGs of {args.size * 8 // 7} px -> {args.size} px, {args.workers} processes")
-    print(f"raw decode: {raw:.0f} images/s; lvmtrain pipeline: {ours:.0f} images/s; ratio {ours / raw:.2f}")
+        # NOTE: alternated and repeated: this machine's decode rate drifts by tens of percent
+        # between runs, so one measurement of each would mostly compare the drift.
+        ratios = []
+        for _ in range(args.repeats):
+            raw = raw_decode_rate(blobs, args.workers)
+            ours = pipeline_rate(f"{tmp}/b-0.tar", args.images, args.size, args.workers, args.batch)
+            ratios.append(ours / raw)
+            print(f"raw decode: {raw:.0f} images/s; lvmtrain pipeline: {ours:.0f} images/s; ratio {ours / raw:.2f}")
+    print(f"{args.images} JPEGs of {args.size * 8 // 7} px -> {args.size} px, {args.workers} processes: "
+          f"median ratio {sorted(ratios)[len(ratios) // 2]:.2f} (target >= 0.85)")
 
 
 if __name__ == "__main__":
