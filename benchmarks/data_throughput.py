@@ -25,7 +25,7 @@ from PIL import Image
 
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.build import load_demo_source
-from lvmtrain.data.loader import build_train_loader
+from lvmtrain.data.loader import build_train_loader, release_batch
 from lvmtrain.data.shards import Cursor, ShardSet
 
 
@@ -69,7 +69,9 @@ def pipeline_rate(spec: str, n: int, size: int, workers: int, batch: int) -> flo
     t = time.perf_counter()
     seen = 0
     for _ in range(n // batch - 1):
-        seen += next(it)["image"].shape[0]
+        b = next(it)
+        seen += b["image"].shape[0]
+        release_batch(b)  # what the trainer does once the batch is on the device
     return seen / (time.perf_counter() - t)
 
 

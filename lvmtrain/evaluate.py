@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lvmtrain.data.loader import release_batch
 from lvmtrain.distributed.dims import all_reduce_sum
 
 
@@ -39,6 +40,7 @@ def top1(model: nn.Module, loader, device: torch.device, *, classifier: torch.Te
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
         images = normalize(batch["image"].to(device, non_blocking=True))
+        release_batch(batch)  # `normalize` made a new tensor: the loader may refill the buffer
         labels = batch["label"].to(device, non_blocking=True)
         with autocast():
             if classifier is not None:

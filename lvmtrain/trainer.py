@@ -18,7 +18,7 @@ from lvmtrain.checkpoint import CheckpointManager
 from lvmtrain.config.loader import config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
-from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight
+from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
 from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
@@ -172,7 +172,8 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         out = {k: batch[k].to(self.dims.device, non_blocking=True) for k in self.task.inputs}
-        out["image"] = self.normalize(out["image"])
+        out["image"] = self.normalize(out["image"])  # a new tensor: the loader's buffer is free
+        release_batch(batch)
         return out
 
     def _throughput(self, steps: int, elapsed: float) -> dict[str, float]:

@@ -203,3 +203,25 @@ def test_fresh_index_sidecar_spares_the_scan_and_a_stale_one_is_ignored(tmp_path
     assert len(ShardSet.from_spec(f"file://{shard}")) == 10
     os.utime(index_path(shard), (1, 1))  # older than the shard: stale
     assert len(ShardSet.from_spec(str(shard))) == 768
+
+
+def test_shared_buffers_are_reused_only_after_release(train_set):
+    """Released buffers are refilled; held ones never change under the consumer's feet."""
+    from lvmtrain.data.loader import release_batch
+
+    def run(release_every):
+        cfg = DataConfig(train="x", batch_size=16, workers=2)
+        loader = build_train_loader(train_set, cfg, dims(0, 1), image_size=28, tokenizer=None, accum=1,
+                                    seed=5, start=Cursor())
+        held, sums = [], []
+        for i, batch in zip(range(40), loader):
+            sums.append(int(batch["image"].sum()))
+            if release_every and i % release_every:
+                release_batch(batch)
+            else:
+                held.append((batch["image"], sums[-1]))
+        # A held buffer still holds what it was handed with, after 40 more batches were made.
+        assert all(int(images.sum()) == s for images, s in held)
+        return sums
+
+    assert run(release_every=3) == run(release_every=0)
