@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from lvmtrain.data.shards import (  # noqa: F401 - the index format lives with the reader
-    INDEX_SUFFIX, DataError, Sample, expand_spec, index_path, index_shard, load_index, write_index)
+    INDEX_SUFFIX, DataError, Sample, ShardReader, expand_spec, index_path, index_shard, load_index, write_index)
 from lvmtrain.data.transforms import decode_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -309,12 +309,12 @@ def _write_shard(task: tuple) -> tuple[int, list[dict]]:
     path, items, options = task
     partial = path + ".partial"
     samples, skipped = [], []
-    reader = _ShardReader()
+    reader = ShardReader()
     try:
         with wds.TarWriter(partial, encoder=False, mtime=0) as sink:
             for item in items:
                 if options["kind"] == "shards":
-                    samples.append(_write_sample(sink, item["key"], reader.read(item)))
+                    samples.append(_write_sample(sink, item["key"], _read_sample(reader, item)))
                     continue
                 try:
                     sample = _encode_sample(item, options)
@@ -352,27 +352,13 @@ def _write_sample(sink: wds.TarWriter, key: str, files: dict[str, bytes]) -> Sam
     return Sample(key, where)
 
 
-class _ShardReader:
-    """Source shards of a reshard, opened once each."""
-
-    def __init__(self):
-        self.files = {}
-
-    def read(self, item: dict) -> dict[str, bytes]:
-        url = item["source"]
-        if url not in self.files:
-            self.files[url] = open(url[5:] if url.startswith("file:") else url, "rb")
-        f, out = self.files[url], {}
-        for ext, (offset, size) in item["files"].items():
-            f.seek(offset)
-            out[ext] = f.read(size)
-            if len(out[ext]) != size:
-                raise DataError(f"{url}: {item['key']}.{ext} is cut short; the shard changed since it was indexed")
-        return out
-
-    def close(self):
-        for f in self.files.values():
-            f.close()
+def _read_sample(reader: ShardReader, item: dict) -> dict[str, bytes]:
+    """All files of a source sample of a reshard."""
+    try:
+        return {ext: reader.read(item["source"], offset, size) for ext, (offset, size) in item["files"].items()}
+    except OSError as e:
+        raise DataError(f"{item['source']}: sample {item['key']} cannot be read ({e}); the shard changed "
+                        "since it was indexed") from None
 
 
 def _encode_sample(item: dict, options: dict) -> dict[str, bytes]:

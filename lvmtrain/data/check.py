@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lvmtrain.data.shards import DataError, Sample, expand_spec, scan_shard
+from lvmtrain.data.shards import DataError, Sample, ShardReader, expand_spec, local_path, scan_shard
 from lvmtrain.data.transforms import decode_rgb
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -204,22 +204,22 @@ def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int
 
 def _check_one(url: str, decode_per_shard: int, image_exts: tuple, caption_ext: str, label_ext: str,
                stats_cache: dict) -> ShardReport:
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if "://" in path or path.startswith("pipe:"):
-        return ShardReport(url, "missing", error="only local shards can be checked; copy or mount them locally")
-    if not os.path.exists(path):
+    path = local_path(url)
+    if path is not None and not os.path.exists(path):
         return ShardReport(url, "missing", error="no such file")
-    row = ShardReport(url, "ok", bytes=os.path.getsize(path))
-    samples, problem = scan_shard(path)
+    row = ShardReport(url, "ok", bytes=os.path.getsize(path) if path is not None else 0)
+    samples, problem = scan_shard(url)
     row.samples = len(samples)
     if problem:  # unreadable, or truncated (`samples` then counts those before the cut)
-        row.status, row.error = "corrupt", problem[1].removeprefix(f"{url}: ")
+        row.status = "missing" if "not found" in problem[1] else "corrupt"
+        row.error = problem[1].removeprefix(f"{url}: ")
         return row
     if not samples:
         row.status, row.error = "corrupt", "a tar with no samples in it"
         return row
-    row.stats_samples, row.count_source = _stats_count(Path(path), stats_cache)
-    _decode_first(path, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext)
+    if path is not None:
+        row.stats_samples, row.count_source = _stats_count(Path(path), stats_cache)
+    _decode_first(url, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext)
     return row
 
 
@@ -248,14 +248,14 @@ def _read_json(path: Path, cache: dict) -> dict | None:
     return cache[path]
 
 
-def _decode_first(path: str, samples: list[Sample], row: ShardReport, image_exts: tuple, caption_ext: str,
+def _decode_first(url: str, samples: list[Sample], row: ShardReport, image_exts: tuple, caption_ext: str,
                   label_ext: str) -> None:
-    with open(path, "rb") as f:
-        def read(sample: Sample, ext: str) -> bytes:
-            offset, size = sample.files[ext]
-            f.seek(offset)
-            return f.read(size)
+    reader = ShardReader(max_open=1)
 
+    def read(sample: Sample, ext: str) -> bytes:
+        return reader.read(url, *sample.files[ext])
+
+    try:
         for sample in samples:
             row.decoded += 1
             reason = ""
@@ -282,3 +282,5 @@ def _decode_first(path: str, samples: list[Sample], row: ShardReport, image_exts
             if reason:
                 row.bad += 1
                 row.first_bad = row.first_bad or f"{sample.key}: {reason}"
+    finally:
+        reader.close()

@@ -82,11 +82,9 @@ def read_ledger(run_dir: Path) -> dict[int, list[str]]:
     entries = [(int(p.stem[4:]), json.loads(line)) for p in sorted((run_dir / "ledger").glob("rank*.jsonl"))
                for line in p.read_text().splitlines()]
     since = {e["attempt"]: e["since"] for _, e in entries}
-    steps: dict[int, dict[int, list[str]]] = {}
-    for rank, e in sorted(entries, key=lambda re: (re[1]["attempt"], re[0])):
-        if all(since[a] >= e["step"] for a in since if a > e["attempt"]):
-            if e["step"] in steps and e["attempt"] > steps[e["step"]]["attempt"]:
-                del steps[e["step"]]
-            steps.setdefault(e["step"], {"attempt": e["attempt"]})[rank] = e["keys"]
-    return {s: [k for r in sorted(r for r in ranks if r != "attempt") for k in ranks[r]]
-            for s, ranks in sorted(steps.items())}
+    final: dict[int, dict[int, list[str]]] = {}
+    for rank, e in entries:
+        superseded = any(since[a] < e["step"] for a in since if a > e["attempt"])
+        if not superseded:
+            final.setdefault(e["step"], {})[rank] = e["keys"]
+    return {step: [k for rank in sorted(ranks) for k in ranks[rank]] for step, ranks in sorted(final.items())}

@@ -9,14 +9,13 @@ data position of the step it just took, whatever the prefetch depth.
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lvmtrain.data.shards import Cursor, DataError, Sample, ShardSet, epoch_order, epoch_size, open_shard
+from lvmtrain.data.shards import Cursor, DataError, ShardReader, ShardSet, epoch_order, epoch_size
 from lvmtrain.data.transforms import ImageTransform, decode_rgb_array
 
 
@@ -29,68 +28,26 @@ class Fields:
     label: str | None
 
 
-class _Reader:
-    """Reads a sample's files by byte offset, keeping a few shards open per worker.
-
-    Local files and fsspec URLs seek (one range request per read, so a block of consecutive
-    samples costs one round trip with fsspec's read-ahead). A `pipe:` stream cannot seek: it is
-    read forward, and reopened when a read lies behind it; prefer a seekable URL for remote data.
-    """
-
-    def __init__(self, shards: ShardSet, max_open: int = 8):
-        self.shards = shards
-        self.max_open = max_open
-        self.files: OrderedDict[int, list] = OrderedDict()  # shard -> [file, position or None]
-
-    def read(self, shard: int, sample: Sample, ext: str) -> bytes:
-        entry = self.files.pop(shard, None)
-        offset, size = sample.files[ext]
-        if entry is not None and entry[1] is not None and entry[1] > offset:
-            entry[0].close()  # a stream already past this sample
-            entry = None
-        if entry is None:
-            f = open_shard(self.shards.urls[shard])
-            entry = [f, None if getattr(f, "seekable", lambda: False)() else 0]
-            if len(self.files) >= self.max_open:
-                self.files.popitem(last=False)[1][0].close()
-        self.files[shard] = entry
-        f, pos = entry
-        if pos is None:
-            f.seek(offset)
-        else:
-            while pos < offset:
-                chunk = f.read(min(offset - pos, 1 << 20))
-                if not chunk:
-                    raise OSError("shard ended before the sample")
-                pos += len(chunk)
-        data = f.read(size)
-        if pos is not None:
-            entry[1] = offset + len(data)
-        if len(data) != size:
-            raise OSError(f"shard ended {size - len(data)} bytes early")
-        return data
-
-
 class _SampleDecoder:
     def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform, tokenizer=None):
         self.shards = shards
         self.fields = fields
         self.transform = transform
         self.tokenizer = tokenizer
-        self.reader: _Reader | None = None
+        self.reader: ShardReader | None = None
         self.buffers: SharedBuffers | None = None
 
     def __call__(self, index: int, rng: np.random.Generator | None) -> dict:
         """Decode sample `index`; a sample that cannot be used raises `BadSample` with its kind."""
         if self.reader is None:
-            self.reader = _Reader(self.shards)
+            self.reader = ShardReader()
         shard, sample = self.shards.locate(index)
         url = self.shards.urls[shard]
         ext = next((e for e in self.fields.image if e in sample.files), None)
         if ext is None:
             raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
         try:
-            data = self.reader.read(shard, sample, ext)
+            data = self.reader.read(url, *sample.files[ext])
             out = {"image": self.transform(decode_rgb_array(data), rng)}
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
             raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
@@ -98,14 +55,14 @@ class _SampleDecoder:
             if self.fields.caption not in sample.files:
                 raise BadSample("missing_caption", url, sample.key, f"no .{self.fields.caption} file")
             try:
-                out["text"] = self.reader.read(shard, sample, self.fields.caption).decode("utf-8")
+                out["text"] = self.reader.read(url, *sample.files[self.fields.caption]).decode("utf-8")
             except UnicodeDecodeError as e:
                 raise BadSample("bad_caption", url, sample.key, f"caption is not UTF-8 ({e})") from None
         if self.fields.label:
             if self.fields.label not in sample.files:
                 raise BadSample("missing_label", url, sample.key, f"no .{self.fields.label} file")
             try:
-                out["label"] = int(self.reader.read(shard, sample, self.fields.label).strip())
+                out["label"] = int(self.reader.read(url, *sample.files[self.fields.label]).strip())
             except ValueError as e:
                 raise BadSample("bad_label", url, sample.key, f"label is not an integer ({e})") from None
         out["key"] = sample.key

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def scan_shard(path: str) -> tuple[list[Sample], tuple[str, str] | None]:
     except (tarfile.TarError, OSError, ValueError) as e:
         return [], ("unreadable_shard", f"{path}: not a readable tar file ({e}); rebuild or remove this shard")
     finally:
-        source.close()
+        try:
+            source.close()
+        except OSError:  # a pipe: command that failed reports it again on close
+            pass
     return list(samples.values()), problem
 
 
@@ -170,6 +174,51 @@ def load_index(path: str | Path) -> list[Sample]:
 
 class _Truncated(Exception):
     pass
+
+
+class ShardReader:
+    """Reads byte ranges of shards by URL, keeping a few open (one reader per process).
+
+    Local files and fsspec URLs seek (one range request per read, so a block of consecutive
+    samples costs one round trip with fsspec's read-ahead). A `pipe:` stream cannot seek: it is
+    read forward, and reopened when a read lies behind it; prefer a seekable URL for remote data.
+    """
+
+    def __init__(self, max_open: int = 8):
+        self.max_open = max_open
+        self.files: OrderedDict[str, list] = OrderedDict()  # url -> [file, stream position or None]
+
+    def read(self, url: str, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset`; OSError when the shard ends first."""
+        entry = self.files.pop(url, None)
+        if entry is not None and entry[1] is not None and entry[1] > offset:
+            entry[0].close()  # a stream already past this range
+            entry = None
+        if entry is None:
+            f = open_shard(url)
+            entry = [f, None if getattr(f, "seekable", lambda: False)() else 0]
+            if len(self.files) >= self.max_open:
+                self.files.popitem(last=False)[1][0].close()
+        self.files[url] = entry
+        f, pos = entry
+        if pos is None:
+            f.seek(offset)
+        else:
+            while pos < offset:
+                chunk = f.read(min(offset - pos, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{url}: shard ended before byte {offset}")
+                pos += len(chunk)
+        data = f.read(size)
+        if pos is not None:
+            entry[1] = offset + len(data)
+        if len(data) != size:
+            raise OSError(f"{url}: shard ended {size - len(data)} bytes early")
+        return data
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem()[1][0].close()
 
 
 class _Bytes:

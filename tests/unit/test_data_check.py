@@ -127,3 +127,12 @@ def test_corrupt_members_give_a_bad_rate(good, tmp_path):
     assert row.first_bad.startswith(f"{samples[1].key}: .png does not decode")
     assert row.with_caption == 4 and row.with_label == 4
     assert any("2 of 4 decoded samples are bad" in w for w in report.warnings)
+
+
+
+@pytest.mark.parametrize("scheme", ["file://", "pipe:cat "])
+def test_url_shards_are_checked_like_local_ones(mixed, scheme):
+    """file:// goes through fsspec and pipe: through a stream, as a remote shard would."""
+    report = check_shards(scheme + mixed["spec"], decode_per_shard=3)
+    assert (report.ok, report.samples, report.decoded, report.bad) == (2, 200, 6, 0)
+    assert report.missing + report.corrupt == 4
