@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)
     blobs = make_jpegs(args.images, side=args.size * 8 // 7)

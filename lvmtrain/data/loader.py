@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvmtrain.data.shards import Cursor, DataError, ShardReader, ShardSet, epoch_order, epoch_size
-from lvmtrain.data.transforms import ImageTransform, decode_rgb_array
+from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
 
 
 @dataclass
@@ -37,8 +37,10 @@ class _SampleDecoder:
         self.reader: ShardReader | None = None
         self.buffers: SharedBuffers | None = None
 
-    def __call__(self, index: int, rng: np.random.Generator | None) -> dict:
-        """Decode sample `index`; a sample that cannot be used raises `BadSample` with its kind."""
+    def __call__(self, index: int, uniforms=None, out: np.ndarray | None = None) -> dict:
+        """Decode sample `index`, its image into `out` when given (else into "image");
+        `uniforms` drive the training augmentation. A sample that cannot be used raises
+        `BadSample` with its kind."""
         if self.reader is None:
             self.reader = ShardReader()
         shard, sample = self.shards.locate(index)
@@ -48,9 +50,10 @@ class _SampleDecoder:
             raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
         try:
             data = self.reader.read(url, *sample.files[ext])
-            out = {"image": self.transform(decode_rgb_array(data), rng)}
+            image = self.transform(decode_rgb_array(data), uniforms, out)
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
             raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
+        out = {} if image is None else {"image": image}
         if self.fields.caption:
             if self.fields.caption not in sample.files:
                 raise BadSample("missing_caption", url, sample.key, f"no .{self.fields.caption} file")
@@ -69,14 +72,20 @@ class _SampleDecoder:
         out["shard"] = url
         return out
 
-    def batch(self, indices, rngs, *, fill: bool = True) -> dict:
-        """Decode and collate; bad samples are counted and reported. With `fill` (training) their
-        slots take copies of good samples of the same batch (the j-th bad slot the j-th good
-        sample, cyclically), so batches stay full and depend only on the data and the order."""
+    def batch(self, indices, uniforms=None, *, fill: bool = True) -> dict:
+        """Decode and collate, each image straight into its slot of a shared batch buffer; bad
+        samples are counted and reported. With `fill` (training) their slots take copies of good
+        samples of the same batch (the j-th bad slot the j-th good sample, cyclically), so
+        batches stay full and depend only on the data and the order."""
+        if self.buffers is None:
+            self.buffers = SharedBuffers()
+        side = self.transform.image_size
+        images, release = self.buffers.take((len(indices), side, side, 3))
+        slots = images.numpy()
         good, bad = [], []
-        for i, rng in zip(indices, rngs):
+        for n, i in enumerate(indices):
             try:
-                good.append(self(int(i), rng))
+                good.append(self(int(i), None if uniforms is None else uniforms[n], slots[len(good)]))
             except BadSample as e:
                 bad.append(e)
                 _report(e)
@@ -84,12 +93,9 @@ class _SampleDecoder:
             raise DataError(f"every sample of a batch is unusable (first: {bad[0]}); "
                             "run `lvmtrain data check` on these shards")
         samples = good + [good[j % len(good)] for j in range(len(bad) if fill else 0)]
-        if self.buffers is None:
-            self.buffers = SharedBuffers()
-        images, release = self.buffers.take((len(samples), *samples[0]["image"].shape))
-        for i, s in enumerate(samples):
-            images[i] = s["image"]
-        batch = {"image": images, "release": release, "keys": [s["key"] for s in good],
+        for j in range(len(good), len(samples)):
+            slots[j] = slots[j - len(good)]
+        batch = {"image": images[:len(samples)], "release": release, "keys": [s["key"] for s in good],
                  "shards": [s["shard"] for s in good],
                  "skipped": [{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad]}
         if "text" in samples[0]:
@@ -211,8 +217,8 @@ class TrainBatches(IterableDataset):
                     if micro % workers == worker:
                         lo = consumed + (m * self.world + self.rank) * b
                         indices = order[lo:lo + b]
-                        batch = self.decoder.batch(
-                            indices, [np.random.default_rng([self.seed, epoch, int(i)]) for i in indices])
+                        uniforms = augment_uniforms(self.seed, epoch, indices, ImageTransform.DRAWS)
+                        batch = self.decoder.batch(indices, uniforms)
                         batch["cursor"] = [epoch, consumed + g]
                         yield batch
                     micro += 1
@@ -235,7 +241,7 @@ class EvalBatches(IterableDataset):
         for i, lo in enumerate(range(self.lo, self.hi, self.batch_size)):
             if i % workers == worker:
                 hi = min(lo + self.batch_size, self.hi)
-                yield self.decoder.batch(range(lo, hi), [None] * (hi - lo), fill=False)
+                yield self.decoder.batch(range(lo, hi), fill=False)
 
 
 def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:
@@ -280,7 +286,7 @@ def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, max_shards: 
     failures = []
     for shard in probes:
         try:
-            decoder(int(shards.offsets[shard]), np.random.default_rng(0))
+            decoder(int(shards.offsets[shard]), augment_uniforms(0, 0, [0], ImageTransform.DRAWS)[0])
         except BadSample as e:
             failures.append(e)
     if failures and len(failures) == len(probes):

@@ -13,7 +13,8 @@ from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
 from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, epoch_size, index_shard
 from lvmtrain.data.tokenizer import CLIPTokenizer
-from lvmtrain.data.transforms import ImageNormalizer, ImageTransform, decode_rgb, decode_rgb_array
+from lvmtrain.data.transforms import (ImageNormalizer, ImageTransform, augment_uniforms, decode_rgb,
+                                      decode_rgb_array)
 
 
 def dims(rank, world):
@@ -153,8 +154,16 @@ def test_transform_and_normalizer_shapes_and_determinism():
     rng = np.random.default_rng(0)
     array = rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)
     train = ImageTransform(24, train=True, scale_min=0.5)
-    a, b = train(array, np.random.default_rng([1, 2, 3])), train(array, np.random.default_rng([1, 2, 3]))
+    u = augment_uniforms(1, 2, [3, 4, 5], ImageTransform.DRAWS)
+    # a sample's draws depend on (seed, epoch, index) only, not on its batch-mates
+    assert np.array_equal(u[1], augment_uniforms(1, 2, [4], ImageTransform.DRAWS)[0])
+    assert u.min() >= 0 and u.max() < 1 and len(np.unique(u)) == u.size
+    assert not np.array_equal(u[0], augment_uniforms(1, 3, [3], ImageTransform.DRAWS)[0])  # new epoch, new crop
+    a, b = train(array, u[0]), train(array, u[0])
     assert a.shape == (24, 24, 3) and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, train(array, u[1]))
+    out = np.zeros((24, 24, 3), np.uint8)
+    assert train(array, u[0], out) is None and np.array_equal(out, a.numpy())
     centre = ImageTransform(30, train=False)(array)  # centre crop 30x30, no resize needed
     assert torch.equal(centre, torch.from_numpy(array[5:35]))
     x = ImageNormalizer([0.5, 0.25, 0.0], [0.5, 0.25, 1.0])(centre[None])
