@@ -1,7 +1,11 @@
 """Shard index, epoch order and per-rank batches: the invariants resume and DDP rely on."""
 
+import functools
+import http.server
 import io
 import tarfile
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,9 +177,47 @@ def test_transform_and_normalizer_shapes_and_determinism():
     assert torch.allclose(x[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["file://", "pipe:cat "])
-def test_url_shards_read_like_local_ones(shards, scheme):
-    """fsspec URLs (here file://, same code path as s3:// or https://) seek; pipe: streams."""
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers `Range: bytes=a-b` as object stores and CDNs do."""
+
+    ranges_served = 0
+
+    def send_head(self):
+        spec = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not spec or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        lo, _, hi = spec.removeprefix("bytes=").partition("-")
+        lo, hi = int(lo), min(int(hi) if hi else len(data) - 1, len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+        self.send_header("Content-Length", str(hi - lo + 1))
+        self.end_headers()
+        type(self).ranges_served += 1
+        return io.BytesIO(data[lo:hi + 1])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_root(shards):
+    """http://127.0.0.1:PORT serving the file system from `/`, with range requests."""
+    handler = functools.partial(_RangeHandler, directory="/")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+
+
+@pytest.mark.parametrize("scheme", ["file://", "http", "pipe:cat "])
+def test_url_shards_read_like_local_ones(shards, scheme, request):
+    """fsspec URLs (file://, and http:// with range reads, the code path of s3:// and gs://) seek;
+    pipe: streams."""
+    if scheme == "http":
+        pytest.importorskip("aiohttp", reason="fsspec's http:// needs aiohttp (a test dependency)")
+        scheme = request.getfixturevalue("http_root")
     local = ShardSet.from_spec(shards["train"])
     remote = ShardSet.from_spec(scheme + shards["train"])
     assert [[(s.key, s.files) for s in shard] for shard in remote.samples] == \
@@ -188,6 +230,8 @@ def test_url_shards_read_like_local_ones(shards, scheme):
     for x, y in zip(a, b):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
         break
+    if scheme.startswith("http"):
+        assert _RangeHandler.ranges_served > 0  # read by range requests, not whole-file downloads
 
 
 def test_truncated_stream_is_reported(tmp_path, shards):
