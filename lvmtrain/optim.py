@@ -10,18 +10,26 @@ from torch import nn
 from lvmtrain.config.schema import OptimConfig
 
 
+def param_group_names(model: nn.Module, weight_decay: float) -> list[list[str]]:
+    """Names of the parameters of each group of `param_groups`, in the same order."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # NOTE: a parameter partitioned by DeepSpeed's zero.Init keeps its real shape in ds_shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        if p.requires_grad:
+            (no_decay if ndim <= 1 or name in skip else decay).append(name)
+    return [decay, no_decay]
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and everything that must not decay (norms, biases, position
     embeddings, class token, logit_scale: what the model's `no_weight_decay()` names plus all
     parameters with ndim <= 1)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    params = dict(model.named_parameters())
+    decay, no_decay = param_group_names(model, weight_decay)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from lvmtrain.checkpoint import CheckpointManager
+from lvmtrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lvmtrain.config.loader import config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
 from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
-from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed
+from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed, set_deterministic
 from lvmtrain.distributed.strategy import build_strategy
 from lvmtrain.evaluate import top1, zero_shot_weights
 from lvmtrain.metrics import MetricLogger, print0
@@ -53,18 +53,22 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, dims)
         self._prepare_run_dir()
 
+        if cfg.train.deterministic:
+            set_deterministic()
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
-        model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes,
-                            global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
-                            context_length=m.context_length)
-        if m.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+        self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
+        with self.strategy.init_context():
+            model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size,
+                                num_classes=m.num_classes, global_pool=m.global_pool,
+                                drop_path_rate=m.drop_path_rate, context_length=m.context_length)
+        model.set_grad_checkpointing(m.grad_checkpointing)
         self.family = model_family(m.name)
         self.task = build_task(self.family, cfg.optim)
         self.flops_per_sample = model.flops_per_sample()
-        self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
-        self.strategy.setup(model, cfg.optim, self.total_steps)
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.strategy.setup(model, cfg.optim, self.total_steps, micro_batch=cfg.data.batch_size,
+                            accum=cfg.train.grad_accum_steps)
 
         self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
         self.last_eval: dict[str, float] = {}
@@ -97,7 +101,7 @@ class Trainer:
             val_shards, cfg.data, dims, image_size=self.image_size, batch_size=cfg.eval.batch_size)
         self.logger = MetricLogger(cfg.log, self.run_dir, enabled=dims.is_main, run_name=cfg.run.name,
                                    config=config_to_dict(cfg), wandb_id=wandb_id)
-        print0(f"run {self.run_dir}: {self.family} {m.name}, {sum(p.numel() for p in model.parameters()):,} "
+        print0(f"run {self.run_dir}: {self.family} {m.name}, {self.n_params:,} "
                f"parameters, {dims.world} rank(s) on {dims.device}, global batch {self.global_batch}, "
                f"{self.total_steps} steps ({steps_per_epoch} per epoch)", enabled=dims.is_main)
 
@@ -145,16 +149,53 @@ class Trainer:
         return self.last_eval
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
-            with self.strategy.micro_step(sync_grads=i == len(micro_batches) - 1):
-                out = self.task(self.strategy.model, batch)
-                self.strategy.backward(out["loss"] / len(micro_batches))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / len(micro_batches)
+        n = len(micro_batches)
+        if n > 1 and self.task.batch_coupled:
+            totals = self._coupled_step([self._to_device(b) for b in micro_batches])
+        else:
+            totals = {}
+            for i, batch in enumerate(micro_batches):
+                batch = self._to_device(batch)
+                with self.strategy.micro_step(sync_grads=i == n - 1):
+                    out = self.task(self.strategy.model, batch)
+                    self.strategy.backward(out["loss"] / n)
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + v.item() / n
         grad_norm = self.strategy.step()
         return {**totals, "grad_norm": grad_norm.item(), "lr": self.strategy.lr}
+
+    def _coupled_step(self, batches: list[dict]) -> dict[str, float]:
+        """Accumulation for a loss that couples a batch's samples (CLIP): the loss of the whole
+        accumulated batch, as if it were one micro-batch, at the cost of one extra forward.
+
+        Features of every micro-batch first without gradients; the loss on all of them and its
+        gradient with respect to the features; then each micro-batch again with gradients,
+        back-propagating its slice of that gradient (open_clip's accum_freq; the gradient cache of
+        Gao et al. 2021). The RNG is replayed so both forwards drop the same paths.
+        """
+        model, task = self.strategy.model, self.task
+        rng, cached = [], []
+        with torch.no_grad(), self.strategy.autocast():
+            for batch in batches:
+                rng.append(rng_state())
+                cached.append(task.features(model, batch))
+        after = rng_state()
+        feats = {k: torch.cat([f[k] for f in cached]).requires_grad_() for k in task.feature_keys}
+        feats["logit_scale"] = cached[0]["logit_scale"].clone().requires_grad_()
+        out = task.loss(feats)
+        out["loss"].backward()
+        sizes = [f[task.feature_keys[0]].shape[0] for f in cached]
+        grads = {k: feats[k].grad.split(sizes) for k in task.feature_keys}
+        for i, batch in enumerate(batches):
+            set_rng_state(rng[i])
+            with self.strategy.micro_step(sync_grads=i == len(batches) - 1):
+                f = task.features(model, batch)
+                surrogate = sum((f[k] * grads[k][i]).sum() for k in task.feature_keys)
+                if i == 0:  # the temperature is shared by every micro-batch: its gradient once
+                    surrogate = surrogate + (f["logit_scale"] * feats["logit_scale"].grad).sum()
+                self.strategy.backward(surrogate)
+        set_rng_state(after)
+        return {k: v.item() for k, v in out.items()}
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.eval.every

@@ -9,6 +9,7 @@ overrides; the loader (`config/loader.py`) refuses unknown keys and wrong types,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -45,8 +46,9 @@ class ModelConfig:
     context_length: int | None = None
     """Text context length in tokens for `clip_*` presets (null: 77, CLIP's). Shorter captions
     train faster; longer ones are truncated keeping the end-of-text token."""
-    grad_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    grad_checkpointing: int = 0
+    """Activation checkpointing: recompute every N-th transformer block in the backward pass
+    (1: all blocks, ~30% more compute for the least memory; 2: every other block; 0: off)."""
 
 
 @dataclass
@@ -115,15 +117,41 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    """Data-parallel engine. A single process needs no wrapper and runs the model as is."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (1, 2 or 3) when backend=deepspeed."""
+    """Data-parallel engine: ddp (every rank holds the whole model), fsdp (PyTorch FSDP2,
+    parameters, gradients and optimizer state sharded per block) or deepspeed (ZeRO, needs
+    `pip install lvmtrain[deepspeed]`). A single process needs no wrapper and runs the model as is."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered parameters after its forward and gather them again for
+    backward (full shard, ZeRO-3-like); false keeps them until backward (shard-grad-op,
+    ZeRO-2-like: more memory, a third less communication)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 / DeepSpeed under bf16 or fp16 precision: dtype gradients are reduced in across ranks."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU and run the optimizer step there (DeepSpeed
+    offload_optimizer; FSDP2's CPU offload, which moves parameters and gradients too)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (DeepSpeed ZeRO-3 offload_param; FSDP2: as
+    offload_optimizer)."""
+    meta_init: bool = False
+    """Build the model without allocating it whole on any rank: FSDP2 builds on the meta device,
+    shards, then initialises each shard; DeepSpeed ZeRO-3 builds inside `zero.Init`. Weights then
+    differ from a plain build with the same seed."""
+    deepspeed_config: str = ""
+    """JSON or YAML file merged over the DeepSpeed config lvmtrain generates (keys you set win)."""
+    compile: Literal["none", "blocks", "model"] = "none"
+    """torch.compile each transformer block (quick to compile, works under every backend) or the
+    whole model; applied after activation checkpointing and before sharding."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl on CUDA, gloo on CPU."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Device: auto uses CUDA when available."""
     ddp_bucket_mb: int = 25
     """DDP gradient bucket size in MiB."""
+    ddp_static_graph: bool = False
+    """DDP static_graph: valid when every step uses the same parameters (true for lvmtrain's
+    models); lets DDP overlap more communication with activation checkpointing."""
 
 
 @dataclass
@@ -178,6 +206,9 @@ class TrainConfig:
     recent GPUs and very slow on CPUs without bf16 units."""
     threads: int = 0
     """torch intra-op threads per rank on CPU (0: cores / local ranks)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms; cuDNN autotuning off):
+    repeatable to the bit on the same hardware, somewhat slower."""
 
 
 @dataclass
@@ -235,11 +266,27 @@ class Config:
             raise ConfigError("model.num_classes: CLIP presets have no classifier head")
         if family == "clip" and self.data.val and not self.eval.class_names:
             raise ConfigError("eval.class_names: CLIP zero-shot evaluation of data.val needs the class names")
-        if self.parallel.backend != "ddp":
-            # NOTE: refused up front rather than half-wired; the FSDP2 / DeepSpeed strategies land
-            # with the distributed-engines work.
-            raise ConfigError(
-                f"parallel.backend: '{self.parallel.backend}' is not available in this version; use ddp")
+        par = self.parallel
+        if par.backend == "deepspeed" and par.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: {par.zero_stage}; DeepSpeed ZeRO stages are 1, 2 and 3")
+        if par.backend == "deepspeed" and par.offload_params and par.zero_stage != 3:
+            raise ConfigError("parallel.offload_params: DeepSpeed offloads parameters only with "
+                              "parallel.zero_stage=3")
+        if par.backend != "deepspeed" and par.deepspeed_config:
+            raise ConfigError("parallel.deepspeed_config: only read with parallel.backend=deepspeed")
+        if par.deepspeed_config and not Path(par.deepspeed_config).is_file():
+            raise ConfigError(f"parallel.deepspeed_config: {par.deepspeed_config} not found")
+        if par.meta_init and par.backend == "ddp":
+            raise ConfigError("parallel.meta_init: needs a sharding backend (parallel.backend=fsdp or deepspeed "
+                              "with zero_stage=3); DDP holds the whole model on every rank anyway")
+        if par.meta_init and par.backend == "deepspeed" and par.zero_stage != 3:
+            raise ConfigError("parallel.meta_init: DeepSpeed builds the model sharded (zero.Init) only with "
+                              "parallel.zero_stage=3")
+        if par.backend == "fsdp" and self.train.precision == "fp16":
+            raise ConfigError("train.precision=fp16 with parallel.backend=fsdp: use bf16 (FSDP2 has no "
+                              "fp16 loss scaling here), or ddp / deepspeed for fp16")
+        if self.model.grad_checkpointing < 0:
+            raise ConfigError("model.grad_checkpointing: 0 (off) or N to recompute every N-th block")
         if self.checkpoint.resume not in ("auto", "none") and not self.checkpoint.resume:
             raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
 

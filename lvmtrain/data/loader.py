@@ -104,6 +104,12 @@ class _SampleDecoder:
             batch["label"] = torch.tensor([s["label"] for s in samples])
         return batch
 
+    def empty_batch(self) -> dict:
+        """A batch of no samples (evaluation padding), shaped like the others."""
+        side = self.transform.image_size
+        return {"image": torch.empty((0, side, side, 3), dtype=torch.uint8),
+                "label": torch.empty(0, dtype=torch.long), "keys": [], "shards": [], "skipped": []}
+
 
 class SharedBuffers:
     """A ring of image buffers in shared memory, reused once the consumer has released them.
@@ -227,21 +233,27 @@ class TrainBatches(IterableDataset):
 
 
 class EvalBatches(IterableDataset):
-    """Every sample once, in shard order; rank r takes the r-th contiguous share."""
+    """Every sample once, in shard order; rank r takes the r-th contiguous share.
+
+    Every rank yields the same number of batches (a shorter share ends with empty ones): under
+    sharding backends each forward is a collective that all ranks must join.
+    """
 
     def __init__(self, decoder: _SampleDecoder, *, rank: int, world: int, batch_size: int):
         n = len(decoder.shards)
         self.decoder = decoder
         self.lo, self.hi = n * rank // world, n * (rank + 1) // world
+        self.batches = -(-(-(-n // world)) // batch_size)  # ceil(ceil(n / world) / batch_size)
         self.batch_size = batch_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, lo in enumerate(range(self.lo, self.hi, self.batch_size)):
+        for i in range(self.batches):
             if i % workers == worker:
+                lo = self.lo + i * self.batch_size
                 hi = min(lo + self.batch_size, self.hi)
-                yield self.decoder.batch(range(lo, hi), fill=False)
+                yield self.decoder.batch(range(lo, hi), fill=False) if lo < hi else self.decoder.empty_batch()
 
 
 def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:

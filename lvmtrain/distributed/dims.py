@@ -54,6 +54,13 @@ def init_distributed(cfg: ParallelConfig, threads: int = 0) -> Dims:
     return Dims(rank, world, local_rank, local_world, device)
 
 
+def set_deterministic() -> None:
+    """Deterministic kernels only; an op without one raises instead of varying silently."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalars over ranks (one collective for all of them)."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or not values:

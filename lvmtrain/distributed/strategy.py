@@ -1,25 +1,44 @@
 """The one seam between the training loop and a data-parallel engine.
 
 The trainer only ever talks to a `Strategy`; it never asks which engine is behind it.
+
+Every strategy's `state_dict()` has the same layout, keyed by the plain model's parameter names,
+so a state saved under one engine loads under any other:
+    {"model": {name: full tensor},
+     "optimizer": {"state": {name: {"step", "exp_avg", "exp_avg_sq"}},
+                   "param_groups": [{"params": [names], "lr", "weight_decay", ...}]},
+     "scheduler": LambdaLR state, "scaler": GradScaler state}
+(the optimizer part is `torch.distributed.checkpoint.state_dict`'s full optimizer state dict).
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from lvmtrain.config.schema import OptimConfig, ParallelConfig
+from lvmtrain.config.schema import ConfigError, OptimConfig, ParallelConfig
 from lvmtrain.distributed.dims import Dims
+from lvmtrain.optim import build_optimizer, build_scheduler
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Strategy(Protocol):
     model: nn.Module
     """The wrapped model, to call in the forward pass."""
 
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int) -> None:
-        """Wrap the plain model and build its optimizer and learning-rate schedule."""
+    def init_context(self) -> AbstractContextManager:
+        """Context to build the plain model in (the meta device or `zero.Init` with
+        parallel.meta_init; otherwise a no-op)."""
+
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int, *, micro_batch: int,
+              accum: int) -> None:
+        """Compile and wrap the plain model; build its optimizer and learning-rate schedule."""
 
     def autocast(self) -> AbstractContextManager:
         """Mixed-precision context of the forward pass (a no-op in fp32)."""
@@ -28,7 +47,8 @@ class Strategy(Protocol):
         """Context for one micro-batch's forward + backward (autocast; gradient sync only when
         `sync_grads`, i.e. on the last micro-batch of an accumulation)."""
 
-    def backward(self, loss: Tensor) -> None: ...
+    def backward(self, loss: Tensor) -> None:
+        """Backward of a loss already divided by the number of micro-batches."""
 
     def step(self) -> Tensor:
         """Clip, optimizer step, schedule step, zero grads; return the pre-clip gradient norm."""
@@ -37,10 +57,11 @@ class Strategy(Protocol):
     def lr(self) -> float: ...
 
     def unwrapped(self) -> nn.Module:
-        """The plain model, for evaluation and export."""
+        """The plain model, for evaluation (its forward is collective under sharding backends:
+        every rank calls it the same number of times)."""
 
     def state_dict(self) -> dict:
-        """Model (plain parameter names), optimizer, schedule and loss-scaler state."""
+        """The layout in this module's docstring; collective. Complete on rank 0 at least."""
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -50,4 +71,136 @@ def build_strategy(cfg: ParallelConfig, dims: Dims, precision: str) -> Strategy:
         from lvmtrain.distributed.ddp import DDPStrategy
 
         return DDPStrategy(cfg, dims, precision)
-    raise NotImplementedError(f"parallel.backend={cfg.backend}")
+    if cfg.backend == "fsdp":
+        from lvmtrain.distributed.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, dims, precision)
+    if cfg.backend == "deepspeed":
+        try:
+            from lvmtrain.distributed.deepspeed_zero import DeepSpeedStrategy
+        except ImportError as e:
+            if "deepspeed" not in str(e):
+                raise
+            raise ConfigError("parallel.backend=deepspeed: DeepSpeed is not installed; "
+                              "`pip install 'lvmtrain[deepspeed]'` (or choose parallel.backend=fsdp)") from None
+        return DeepSpeedStrategy(cfg, dims, precision)
+    raise ConfigError(f"parallel.backend: unknown backend '{cfg.backend}'")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every element of every `blocks` ModuleList (the ViT's, and CLIP's two towers'): the units
+    of sharding, compilation and activation checkpointing."""
+    return [blk for name, mod in model.named_modules() if name.split(".")[-1] == "blocks"
+            and isinstance(mod, nn.ModuleList) for blk in mod]
+
+
+def compile_model(model: nn.Module, mode: str) -> None:
+    """torch.compile in place: each transformer block, or the whole model."""
+    if mode == "blocks":
+        for block in transformer_blocks(model):
+            block.compile()
+    elif mode == "model":
+        model.compile()
+
+
+def ensure_process_group(dims: Dims) -> None:
+    """Sharding engines need a process group even for one process (torchrun or not)."""
+    if not dist.is_initialized():
+        backend = "nccl" if dims.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def scalars_to_1d(model: nn.Module) -> list[str]:
+    """Give every 0-d parameter (CLIP's logit_scale) shape [1], which fully_shard and ZeRO need;
+    returns their names. The canonical state dict keeps their plain 0-d shape (`reshape_params`)."""
+    names = []
+    for name, param in list(model.named_parameters()):
+        if param.ndim == 0:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(owner, name.rpartition(".")[2], nn.Parameter(param.detach().reshape(1), param.requires_grad))
+            names.append(name)
+    return names
+
+
+def reshape_params(state: dict, names: list[str], shape: tuple) -> None:
+    """Reshape the named parameters' weights and optimizer moments in a canonical state dict."""
+    for name in names:
+        if name in state["model"]:
+            state["model"][name] = state["model"][name].reshape(shape)
+        for key, value in state["optimizer"].get("state", {}).get(name, {}).items():
+            if key != "step" and torch.is_tensor(value):
+                state["optimizer"]["state"][name][key] = value.reshape(shape)
+
+
+class TorchStrategy:
+    """What DDP and FSDP2 share: torch's AdamW + LambdaLR, autocast, GradScaler for fp16, clipping.
+    Subclasses implement `wrap` and `micro_step`."""
+
+    def __init__(self, cfg: ParallelConfig, dims: Dims, precision: str):
+        self.cfg = cfg
+        self.dims = dims
+        self.precision = precision
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(dims.device.type, enabled=precision == "fp16")
+        self.grad_clip = 0.0
+
+    def init_context(self) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model to call in forward; `model` itself stays the plain module (`self.plain`)."""
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int, *, micro_batch: int = 0,
+              accum: int = 1) -> None:
+        compile_model(model, self.cfg.compile)
+        self.plain = model
+        self.model = self.wrap(model)
+        self.optimizer = build_optimizer(self.plain, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
+        self.grad_clip = optim_cfg.grad_clip
+
+    def autocast(self) -> AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dims.device.type, dtype=self.dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> Tensor:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def unwrapped(self) -> nn.Module:
+        return self.plain
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        # NOTE: cpu_offload gathers to rank 0 only; the checkpoint manager writes from rank 0.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        return {"model": get_model_state_dict(self.plain, options=options),
+                "optimizer": get_optimizer_state_dict(self.plain, self.optimizer, options=options),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.plain, state["model"], options=options)
+        set_optimizer_state_dict(self.plain, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])

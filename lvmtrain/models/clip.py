@@ -60,7 +60,7 @@ class CLIP(nn.Module):
         self.text.init_weights()
         self.logit_scale.fill_(INIT_LOGIT_SCALE)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 

@@ -120,9 +120,10 @@ def make_blocks(depth: int, drop_path_rate: float, **block_kwargs) -> nn.ModuleL
     return nn.ModuleList(Block(drop_path=r, **block_kwargs) for r in rates)
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, grad_checkpointing: bool) -> Tensor:
-    for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
+def run_blocks(blocks: nn.ModuleList, x: Tensor, grad_checkpointing: int) -> Tensor:
+    """Run the blocks, recomputing every `grad_checkpointing`-th one in backward (0: none)."""
+    for i, blk in enumerate(blocks):
+        if grad_checkpointing and i % grad_checkpointing == 0 and torch.is_grad_enabled():
             x = checkpoint(blk, x, use_reentrant=False)
         else:
             x = blk(x)

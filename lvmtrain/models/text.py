@@ -49,7 +49,7 @@ class TextTransformer(nn.Module):
         self.vocab_size = vocab_size
         self.width = width
         self.mlp_hidden_dim = mlp_hidden_dim(width, mlp_ratio)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0
 
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.empty(1, context_length, width))
@@ -76,8 +76,9 @@ class TextTransformer(nn.Module):
         self.norm.reset_parameters()
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
+        """Recompute every block (True / 1), every N-th block (N), or none (False / 0) in backward."""
+        self.grad_checkpointing = int(enable)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}

@@ -98,7 +98,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.init_mode = init_mode
         self.mlp_hidden_dim = mlp_hidden_dim(width, mlp_ratio)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width, bias=patch_bias)
         self.num_prefix_tokens = 1
@@ -151,8 +151,9 @@ class VisionTransformer(nn.Module):
             if self.head.bias is not None:
                 nn.init.zeros_(self.head.bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
+        """Recompute every block (True / 1), every N-th block (N), or none (False / 0) in backward."""
+        self.grad_checkpointing = int(enable)
 
     @property
     def image_size(self) -> int:

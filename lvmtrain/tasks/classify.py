@@ -10,6 +10,7 @@ class ClassifyTask:
     """batch {"image", "label"} -> {"loss", "accuracy"}."""
 
     inputs = ("image", "label")
+    batch_coupled = False  # a mean of per-sample losses: micro-batches accumulate exactly
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing

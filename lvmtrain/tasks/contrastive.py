@@ -37,13 +37,27 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 
 class ContrastiveTask:
-    """batch {"image", "text"} -> {"loss", "logit_scale"}."""
+    """batch {"image", "text"} -> {"loss", "logit_scale"}.
+
+    The loss couples the samples of a batch (each is the others' negative), so accumulated
+    micro-batches are scored together: the trainer calls `features` per micro-batch and `loss`
+    once on their concatenation (see `Trainer._coupled_step`).
+    """
 
     inputs = ("image", "text")
+    batch_coupled = True
+    feature_keys = ("image_features", "text_features")
 
-    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+    def features(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         out = model(batch["image"], batch["text"])
         # NOTE: the similarity matrix is computed in fp32 even under autocast: bf16 logits over a
         # large global batch lose the small differences InfoNCE learns from.
-        loss = clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
-        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        return {"image_features": out["image_features"].float(), "text_features": out["text_features"].float(),
+                "logit_scale": out["logit_scale"].float()}
+
+    def loss(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        loss = clip_loss(features["image_features"], features["text_features"], features["logit_scale"])
+        return {"loss": loss, "logit_scale": features["logit_scale"].detach().reshape(())}
+
+    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        return self.loss(self.features(model, batch))

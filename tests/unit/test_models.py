@@ -217,6 +217,12 @@ def test_grad_checkpointing_equivalence(name):
     calls.clear()
     loss, grads = _loss_and_grads(model, batch)
     assert len(calls) == 2, "with checkpointing, the block's forward is recomputed in backward"
+    second = (model.visual.blocks if name == "clip_debug" else model.blocks)[1]
+    second.register_forward_pre_hook(lambda *_: calls.append(2))
+    model.set_grad_checkpointing(2)  # every other block: block 0 recomputed, block 1 not
+    calls.clear()
+    _loss_and_grads(model, batch)
+    assert calls.count(1) == 2 and calls.count(2) == 1
 
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     assert grads.keys() == ref_grads.keys()

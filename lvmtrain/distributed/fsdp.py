@@ -1,0 +1,73 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across ranks.
+
+Each transformer block is its own unit (its parameters are gathered just before it runs), then
+each tower of a CLIP, then the root takes what is left (embeddings, norms, heads). 0-d parameters (CLIP's logit_scale)
+cannot be sharded: they take shape [1] while wrapped (see `scalars_to_1d`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from lvmtrain.distributed.strategy import (TorchStrategy, ensure_process_group, reshape_params, scalars_to_1d,
+                                          transformer_blocks)
+
+
+class FSDPStrategy(TorchStrategy):
+    scalar_names: list[str] = []
+
+    def init_context(self) -> contextlib.AbstractContextManager:
+        return torch.device("meta") if self.cfg.meta_init else contextlib.nullcontext()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        ensure_process_group(self.dims)
+        self.scalar_names = scalars_to_1d(model)
+        offload = self.cfg.offload_optimizer or self.cfg.offload_params
+        reduce_dtype = torch.bfloat16 if self.cfg.reduce_dtype == "bf16" else torch.float32
+        kwargs = dict(
+            mp_policy=MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=reduce_dtype if self.dtype else None),
+            reshard_after_forward=self.cfg.reshard_after_forward,
+            offload_policy=CPUOffloadPolicy(pin_memory=self.dims.device.type == "cuda") if offload else OffloadPolicy())
+        if not offload:
+            model.to(torch.device("meta") if self.cfg.meta_init else self.dims.device)
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        for tower in _towers(model):
+            # NOTE: CLIP's towers are units of their own so that encode_image / encode_text
+            # (zero-shot evaluation) gather what they need without going through the root's forward.
+            fully_shard(tower, **kwargs)
+        fully_shard(model, **kwargs)
+        if self.cfg.meta_init:
+            # NOTE: each rank initialises only its shards; the values differ from a plain build
+            # with the same seed (the random streams are cut differently), not their distribution.
+            model.to_empty(device="cpu" if offload else self.dims.device)
+            with torch.no_grad():
+                model.init_weights()
+        return model
+
+    @contextlib.contextmanager
+    def micro_step(self, *, sync_grads: bool):
+        if self.dims.distributed:
+            self.model.set_requires_gradient_sync(sync_grads)
+        with self.autocast():
+            yield
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        reshape_params(state, self.scalar_names, ())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        reshape_params(state, self.scalar_names, (1,))
+        super().load_state_dict(state)
+
+
+def _towers(model: nn.Module) -> list[nn.Module]:
+    """Direct children that hold transformer blocks (CLIP's visual and text towers)."""
+    blocks = set(map(id, transformer_blocks(model)))
+    return [child for child in model.children() if not isinstance(child, nn.ModuleList)
+            and any(id(m) in blocks for m in child.modules())]
