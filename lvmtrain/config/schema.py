@@ -147,8 +147,9 @@ class ParallelConfig:
     """torch.distributed backend: auto picks nccl on CUDA, gloo on CPU."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Device: auto uses CUDA when available."""
-    ddp_bucket_mb: int = 25
-    """DDP gradient bucket size in MiB."""
+    bucket_mb: int = 25
+    """Gradient bucket size in MiB: DDP's buckets, DeepSpeed's reduce and all-gather buckets
+    (whose own default, 500M elements, would hold GBs of buffers per rank)."""
     ddp_static_graph: bool = False
     """DDP static_graph: valid when every step uses the same parameters (true for lvmtrain's
     models); lets DDP overlap more communication with activation checkpointing."""

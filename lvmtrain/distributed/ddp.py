@@ -17,7 +17,7 @@ class DDPStrategy(TorchStrategy):
             return model
         return DistributedDataParallel(
             model, device_ids=[self.dims.device.index] if self.dims.device.type == "cuda" else None,
-            bucket_cap_mb=self.cfg.ddp_bucket_mb, gradient_as_bucket_view=True,
+            bucket_cap_mb=self.cfg.bucket_mb, gradient_as_bucket_view=True,
             static_graph=self.cfg.ddp_static_graph)
 
     @contextlib.contextmanager

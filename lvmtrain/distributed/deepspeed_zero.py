@@ -43,7 +43,10 @@ class DeepSpeedStrategy:
     def ds_config(self, *, micro_batch: int, accum: int, grad_clip: float) -> dict:
         """The DeepSpeed config for this run, with the user's `parallel.deepspeed_config` merged over."""
         cfg, cuda = self.cfg, self.dims.device.type == "cuda"
-        zero: dict = {"stage": cfg.zero_stage}
+        bucket = cfg.bucket_mb * 2**20 // 4  # elements (of fp32, the widest gradients)
+        zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+        if cfg.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
         if cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
         if cfg.offload_params:
