@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from lvmtrain.config.schema import ConfigError, OptimConfig, ParallelConfig
 from lvmtrain.distributed.dims import Dims
-from lvmtrain.distributed.strategy import (AUTOCAST_DTYPES, compile_model, ensure_process_group, reshape_params,
-                                          scalars_to_1d)
+from lvmtrain.distributed.strategy import AUTOCAST_DTYPES, compile_model, ensure_process_group
 from lvmtrain.optim import build_optimizer, build_scheduler, param_group_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -73,13 +72,14 @@ class DeepSpeedStrategy:
         if not self.cfg.meta_init:
             return contextlib.nullcontext()
         ensure_process_group(self.dims)
-        return deepspeed.zero.Init(config_dict_or_path=self.ds_config(micro_batch=1, accum=1, grad_clip=0.0))
+        config = self.ds_config(micro_batch=1, accum=1, grad_clip=0.0)
+        del config["train_batch_size"]  # NOTE: zero.Init checks it against a world size of its own
+        return deepspeed.zero.Init(config_dict_or_path=config)
 
     def setup(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int, *, micro_batch: int,
               accum: int) -> None:
         ensure_process_group(self.dims)
         compile_model(model, self.cfg.compile)
-        self.scalar_names = scalars_to_1d(model)
         self.group_names = param_group_names(model, optim_cfg.weight_decay)
         optimizer = build_optimizer(model, optim_cfg)
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
@@ -143,15 +143,12 @@ class DeepSpeedStrategy:
         step = torch.as_tensor(steps[0]).float().cpu() if steps else torch.tensor(0.0)
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
                   for g, names in zip(self.engine.optimizer.param_groups, self.group_names)]
-        state = {"model": model,
-                 "optimizer": {"state": {n: {"step": step.clone(), **m} for n, m in moments.items()},
-                               "param_groups": groups},
-                 "scheduler": self.scheduler.state_dict(), "scaler": {}}
-        reshape_params(state, self.scalar_names, ())
-        return state
+        return {"model": model,
+                "optimizer": {"state": {n: {"step": step.clone(), **m} for n, m in moments.items()},
+                              "param_groups": groups},
+                "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        reshape_params(state, self.scalar_names, (1,))
         missing = [n for n, _ in self._params() if n not in state["model"]]
         if missing:
             raise ConfigError(f"checkpoint lacks parameters {missing[:5]} of this model")
@@ -175,6 +172,9 @@ class DeepSpeedStrategy:
                 if name in opt_state:
                     _set_full(p, opt_state[name][key].to(value.device).reshape(_shape(p)), key)
             _set_low_precision_param(p, value)
+        for group, saved in zip(self.engine.optimizer.param_groups, state["optimizer"]["param_groups"]):
+            # NOTE: the schedule sets the lr only at its next step; the current one is in the groups.
+            group.update({k: saved[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps") if k in saved})
         self.scheduler.load_state_dict(state["scheduler"])
 
 

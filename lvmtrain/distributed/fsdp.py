@@ -1,8 +1,7 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across ranks.
 
 Each transformer block is its own unit (its parameters are gathered just before it runs), then
-each tower of a CLIP, then the root takes what is left (embeddings, norms, heads). 0-d parameters (CLIP's logit_scale)
-cannot be sharded: they take shape [1] while wrapped (see `scalars_to_1d`).
+each tower of a CLIP, then the root takes what is left (embeddings, norms, heads).
 """
 
 from __future__ import annotations
@@ -13,19 +12,15 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from lvmtrain.distributed.strategy import (TorchStrategy, ensure_process_group, reshape_params, scalars_to_1d,
-                                          transformer_blocks)
+from lvmtrain.distributed.strategy import TorchStrategy, ensure_process_group, transformer_blocks
 
 
 class FSDPStrategy(TorchStrategy):
-    scalar_names: list[str] = []
-
     def init_context(self) -> contextlib.AbstractContextManager:
         return torch.device("meta") if self.cfg.meta_init else contextlib.nullcontext()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.dims)
-        self.scalar_names = scalars_to_1d(model)
         offload = self.cfg.offload_optimizer or self.cfg.offload_params
         reduce_dtype = torch.bfloat16 if self.cfg.reduce_dtype == "bf16" else torch.float32
         kwargs = dict(
@@ -55,15 +50,6 @@ class FSDPStrategy(TorchStrategy):
             self.model.set_requires_gradient_sync(sync_grads)
         with self.autocast():
             yield
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        reshape_params(state, self.scalar_names, ())
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        reshape_params(state, self.scalar_names, (1,))
-        super().load_state_dict(state)
 
 
 def _towers(model: nn.Module) -> list[nn.Module]:

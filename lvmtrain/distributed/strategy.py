@@ -110,28 +110,6 @@ def ensure_process_group(dims: Dims) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def scalars_to_1d(model: nn.Module) -> list[str]:
-    """Give every 0-d parameter (CLIP's logit_scale) shape [1], which fully_shard and ZeRO need;
-    returns their names. The canonical state dict keeps their plain 0-d shape (`reshape_params`)."""
-    names = []
-    for name, param in list(model.named_parameters()):
-        if param.ndim == 0:
-            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(owner, name.rpartition(".")[2], nn.Parameter(param.detach().reshape(1), param.requires_grad))
-            names.append(name)
-    return names
-
-
-def reshape_params(state: dict, names: list[str], shape: tuple) -> None:
-    """Reshape the named parameters' weights and optimizer moments in a canonical state dict."""
-    for name in names:
-        if name in state["model"]:
-            state["model"][name] = state["model"][name].reshape(shape)
-        for key, value in state["optimizer"].get("state", {}).get(name, {}).items():
-            if key != "step" and torch.is_tensor(value):
-                state["optimizer"]["state"][name][key] = value.reshape(shape)
-
-
 class TorchStrategy:
     """What DDP and FSDP2 share: torch's AdamW + LambdaLR, autocast, GradScaler for fp16, clipping.
     Subclasses implement `wrap` and `micro_step`."""

@@ -51,7 +51,9 @@ class CLIP(nn.Module):
         self.text = TextTransformer(**text, embed_dim=embed_dim, act=act)
         # NOTE: the towers initialise themselves; calling `self.init_weights()` here would draw
         # every weight twice (seconds for ViT-H on CPU).
-        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        # NOTE: shape (1,), not a 0-d scalar (open_clip's `nonscalar_logit_scale`): FSDP2 and
+        # DeepSpeed's zero.Init shard along dim 0 and refuse 0-d parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), INIT_LOGIT_SCALE))
 
     @torch.no_grad()
     def init_weights(self) -> None:

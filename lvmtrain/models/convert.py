@@ -49,8 +49,12 @@ def _token_to_open_clip(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
-def _scalar(t: Tensor) -> Tensor:
-    # NOTE: open_clip's `nonscalar_logit_scale` stores shape (1,); both load into our 0-d scalar.
+def _scale_to_lvm(t: Tensor) -> Tensor:
+    # NOTE: open_clip stores a 0-d scalar, or shape (1,) with `nonscalar_logit_scale`: ours is (1,).
+    return t.reshape(1)
+
+
+def _scale_to_open_clip(t: Tensor) -> Tensor:
     return t.reshape(())
 
 
@@ -76,7 +80,7 @@ _CLIP_RULES: list[tuple[str, str, Reshape, Reshape]] = [
     ("positional_embedding", "text.pos_embed", _add_batch_dim, _drop_batch_dim),
     ("ln_final.{p}", "text.norm.{p}", _same, _same),
     ("text_projection", "text.proj.weight", _transpose, _transpose),
-    ("logit_scale", "logit_scale", _scalar, _scalar),
+    ("logit_scale", "logit_scale", _scale_to_lvm, _scale_to_open_clip),
 ]
 for _oc_tower, _lvm_tower in (("visual.transformer.resblocks.{i}.", "visual.blocks.{i}."),
                               ("transformer.resblocks.{i}.", "text.blocks.{i}.")):

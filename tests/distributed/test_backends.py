@@ -21,7 +21,7 @@ def final_weights(run_dir):
 
 def assert_same_run(ref_dir, run_dir, rtol):
     ref, got = losses(ref_dir), losses(run_dir)
-    assert sorted(got) == sorted(ref) and len(ref) >= 3
+    assert sorted(got) == sorted(ref) and len(ref) >= 3, (sorted(ref), sorted(got))
     for step in ref:
         assert abs(got[step] - ref[step]) <= rtol * abs(ref[step]), (step, ref[step], got[step])
     assert_same_weights(final_weights(ref_dir), final_weights(run_dir), rtol)
@@ -100,3 +100,25 @@ def test_bf16_backends_match_one_process(shards, tmp_path):
         for step in ref_l:
             assert abs(got[step] - ref_l[step]) <= 2e-2 * abs(ref_l[step]), (name, step, ref_l[step], got[step])
         assert_same_weights(final_weights(ref), final_weights(run), 2e-2)
+
+
+@pytest.mark.parametrize("backend", [["parallel.backend=fsdp"],
+                                     ["parallel.backend=deepspeed", "parallel.zero_stage=3"]], ids=["fsdp", "zero3"])
+def test_meta_init_builds_sharded_and_trains(shards, tmp_path, backend):
+    """parallel.meta_init: FSDP2 from the meta device, ZeRO-3 inside zero.Init; then it learns."""
+    run = train(shards, tmp_path, "meta", "data.batch_size=16", "parallel.meta_init=true", *backend, nproc=2)
+    got = losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1] - 0.02
+
+
+def test_checkpoint_moves_between_backends(shards, tmp_path):
+    """One run, resumed under another backend each time (DDP -> FSDP2 -> ZeRO-3 -> DDP), follows the
+    uninterrupted single-process run step for step: weights, Adam moments, schedule, data position."""
+    constant = ["optim.schedule=constant", "checkpoint.every=2"]
+    ref = train(shards, tmp_path / "ref", "ref", "data.batch_size=32", *constant)
+    chain = [(4, ["parallel.backend=ddp"]), (6, ["parallel.backend=fsdp"]),
+             (8, ["parallel.backend=deepspeed", "parallel.zero_stage=3"]), (10, ["parallel.backend=ddp"])]
+    for steps, backend in chain:
+        run = train(shards, tmp_path, "chain", "data.batch_size=16", *constant, *backend, nproc=2, steps=steps)
+    assert_same_run(ref, run, rtol=1e-4)

@@ -92,3 +92,30 @@ def test_readme_config_reference_is_generated_from_schema():
     readme = (REPO / "README.md").read_text()
     assert config_reference_markdown().strip() in readme, \
         "README's config reference is stale: regenerate it with `lvmtrain config docs`"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.backend=deepspeed", "parallel.zero_stage=4"], ["parallel.zero_stage", "1, 2 and 3"]),
+    (["parallel.backend=deepspeed", "parallel.offload_params=true"], ["offload_params", "zero_stage=3"]),
+    (["parallel.meta_init=true"], ["meta_init", "fsdp"]),
+    (["parallel.backend=fsdp", "train.precision=fp16"], ["fp16", "bf16"]),
+    (["parallel.deepspeed_config=/nope.json"], ["deepspeed_config", "backend=deepspeed"]),
+    (["parallel.backend=deepspeed", "parallel.deepspeed_config=/nope.json"], ["/nope.json", "not found"]),
+    (["parallel.backend=zero"], ["parallel.backend", "deepspeed"]),
+])
+def test_parallel_checks(tmp_path, overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_deepspeed_says_how_to_install():
+    """Without the extra installed, choosing DeepSpeed names the package to install."""
+    code = ("import sys; sys.modules['deepspeed'] = None\n"
+            "from lvmtrain.config.schema import ParallelConfig, ConfigError\n"
+            "from lvmtrain.distributed.strategy import build_strategy\n"
+            "try:\n    build_strategy(ParallelConfig(backend='deepspeed'), None, 'fp32')\n"
+            "except ConfigError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'lvmtrain[deepspeed]'" in out
