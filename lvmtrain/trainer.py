@@ -41,6 +41,8 @@ class Trainer:
         train_shards = ShardSet.from_spec(cfg.data.train)
         val_shards = ShardSet.from_spec(cfg.data.val) if cfg.data.val else None
         self.dims = dims = init_distributed(cfg.parallel, cfg.train.threads)
+        # NOTE: before the run directory: a backend that cannot work here says so first.
+        self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
         self.global_batch = cfg.data.batch_size * dims.world * cfg.train.grad_accum_steps
         samples_per_epoch = epoch_size(train_shards.source_ranges(), block=cfg.data.shuffle_block,
                                        weights=cfg.data.train_weights)
@@ -57,7 +59,6 @@ class Trainer:
             set_deterministic()
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
-        self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
         with self.strategy.init_context():
             model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size,
                                 num_classes=m.num_classes, global_pool=m.global_pool,

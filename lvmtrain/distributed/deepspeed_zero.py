@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,12 @@ class DeepSpeedStrategy:
         self.precision = precision
         self.dtype = AUTOCAST_DTYPES.get(precision)
         self.overrides = _read_overrides(cfg.deepspeed_config) if cfg.deepspeed_config else {}
+        # NOTE: DeepSpeed reads the launcher's variables; one plain process has none.
+        for key, value in (("LOCAL_RANK", dims.local_rank), ("RANK", dims.rank), ("WORLD_SIZE", dims.world)):
+            os.environ.setdefault(key, str(value))
+        if precision == "fp16" and dims.device.type == "cpu":
+            raise ConfigError("train.precision=fp16: DeepSpeed's CPU accelerator has no fp16; on CPU use "
+                              "bf16 or fp32 (or parallel.backend=ddp, whose fp16 runs on CPU)")
 
     def ds_config(self, *, micro_batch: int, accum: int, grad_clip: float) -> dict:
         """The DeepSpeed config for this run, with the user's `parallel.deepspeed_config` merged over."""

@@ -119,3 +119,17 @@ def test_missing_deepspeed_says_how_to_install():
             "except ConfigError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'lvmtrain[deepspeed]'" in out
+
+
+def test_deepspeed_fp16_on_cpu_is_refused_with_the_fix():
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    import torch
+
+    from lvmtrain.config.schema import ParallelConfig
+    from lvmtrain.distributed.strategy import build_strategy
+
+    with pytest.raises(ConfigError, match="fp16.*bf16 or fp32"):
+        dims = SimpleNamespace(device=torch.device("cpu"), rank=0, local_rank=0, world=1)
+        build_strategy(ParallelConfig(backend="deepspeed"), dims, "fp16")
