@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from _torchrun import run_worker
 
 BACKENDS = {
     "ddp": ({"backend": "ddp"}, lambda n: 16.0),
@@ -101,18 +99,10 @@ def main() -> None:
     print(f"{args.model}, {args.ranks} ranks, bf16 mixed precision, bytes per parameter held by rank 0:")
     print(f"{'backend':8} {'measured':>10} {'theory':>8} {'ratio':>6} {'GB/rank':>8}")
     for name in args.backends.split(","):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
-               "--master-port=29561", __file__, "--worker", name, "--model", args.model]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              cwd=Path(__file__).resolve().parents[1])
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            print(f"{name:8} failed:\n{proc.stderr[-2000:]}")
-            continue
-        r = json.loads(lines[-1])
-        measured, theory = r["bytes"] / r["psi"], BACKENDS[name][1](r["world"])
-        print(f"{name:8} {measured:10.2f} {theory:8.2f} {measured / theory:6.2f} {r['bytes'] / 1e9:8.2f}")
-
+        r = run_worker(__file__, args.ranks, [name, "--model", args.model])
+        if r is not None:
+            measured, theory = r["bytes"] / r["psi"], BACKENDS[name][1](r["world"])
+            print(f"{name:8} {measured:10.2f} {theory:8.2f} {measured / theory:6.2f} {r['bytes'] / 1e9:8.2f}")
 
 if __name__ == "__main__":
     main()

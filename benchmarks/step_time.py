@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from _torchrun import run_worker
 
 CONFIGS = {
     "ddp": {"backend": "ddp"},
@@ -78,19 +76,12 @@ def main() -> None:
           f"median of {args.steps} steps:")
     base = None
     for name in args.configs.split(","):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", "--master-port=29562",
-               __file__, "--worker", name, "--model", args.model, "--image", str(args.image),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              cwd=Path(__file__).resolve().parents[1])
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            print(f"{name:24} failed:\n{proc.stderr[-2000:]}")
-            continue
-        t = json.loads(lines[-1])["median_s"]
-        base = base or t
-        print(f"{name:24} {t * 1000:8.0f} ms/step   {t / base:5.2f}x DDP")
-
+        r = run_worker(__file__, args.ranks, [name, "--model", args.model, "--image", str(args.image),
+                                              "--batch", str(args.batch), "--steps", str(args.steps),
+                                              "--warmup", str(args.warmup)])
+        if r is not None:
+            base = base or r["median_s"]
+            print(f"{name:24} {r['median_s'] * 1000:8.0f} ms/step   {r['median_s'] / base:5.2f}x DDP")
 
 if __name__ == "__main__":
     main()
