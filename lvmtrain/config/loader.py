@@ -38,7 +38,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': write it as section.key=value (e.g. optim.lr=3e-4)")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _Override(yaml.safe_load(raw) if raw.strip() else "", raw)
         *sections, name = key.strip().split(".")
         nested: dict[str, Any] = {name: value}
         for section in reversed(sections):
@@ -66,12 +66,23 @@ def _merge(obj: Any, data: dict, *, source: str, prefix: str) -> None:
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
         current = getattr(obj, key)
+        if isinstance(value, _Override):
+            # NOTE: a string field takes the text as typed: YAML would read run.name=off as false.
+            value = value.raw if hints[key] is str else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{dotted}' is a section; give it a mapping, not {value!r}")
             _merge(current, value, source=source, prefix=f"{dotted}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+@dataclasses.dataclass
+class _Override:
+    """A command-line value: as YAML reads it, and as typed."""
+
+    parsed: Any
+    raw: str
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

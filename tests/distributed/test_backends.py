@@ -79,7 +79,7 @@ def test_accumulation_under_backend_matches_one_process(shards, tmp_path, refere
 
 @pytest.mark.parametrize("config", ["configs/debug/clip.yaml", "configs/debug/vit.yaml"])
 def test_accumulation_4x8_matches_batch_32(shards, tmp_path, config):
-    common = [config, "data.val=", "log.every=1", "data.workers=0", "optim.warmup_steps=3"]
+    common = [config, "data.val=", "log.every=1", "data.workers=0", "optim.warmup_steps=3", "train.deterministic=true"]
     for name, batch, accum in (("b32", 32, 1), ("a4x8", 8, 4)):
         run_lvmtrain(["train", *common, f"data.train={shards['train']}", "train.steps=10", "train.epochs=0",
                       f"log.dir={tmp_path}", f"run.name={name}", f"data.batch_size={batch}",

@@ -31,6 +31,11 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert cfg.data.batch_size == 64 and cfg.eval.class_names == ["a", "b"]
 
 
+def test_string_fields_take_overrides_as_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["run.name=off", "log.dir=123", "optim.lr=1e-3"])
+    assert cfg.run.name == "off" and cfg.log.dir == "123" and cfg.optim.lr == 1e-3
+
+
 def test_int_to_float_and_scientific_strings(tmp_path):
     cfg = load_config(write(tmp_path, {**BASE, "optim": {"lr": "5e-4", "min_lr": 0}}))
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.min_lr, float)
