@@ -17,7 +17,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install -q -e '.[test,wandb]'
+	$(VENV)/bin/pip install -q -e '.[test,wandb,deepspeed]'
 	touch $@
 
 data: data/demo/dataset.json
