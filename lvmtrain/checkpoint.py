@@ -1,20 +1,27 @@
-"""CheckpointManager: when to save, atomic commit, retention, finding the checkpoint to resume.
+"""CheckpointManager: when to save, atomic commit, retention, verification, finding the resume point.
 
 Layout of a run's `checkpoints/`:
     step_00000040/   state.pt (model, optimizer, schedule, trainer state; written by rank 0)
                      rank00000.pt ... (each rank's RNG states)
-                     manifest.json (written last: step, world size, files with sizes)
+                     manifest.json (written last: step, world size, backend, config hash, every
+                                    file's size and sha256, versions)
     latest           name of the newest complete checkpoint, replaced atomically
-A checkpoint is written under `step_X.tmp/` and renamed only once complete, so a kill at any
-moment leaves the previous checkpoint as the newest complete one.
+A checkpoint is written under `step_X.tmp/`, fsynced, and renamed only once complete, `latest`
+last; a kill at any moment leaves the previous checkpoint as the newest complete one. Loading
+verifies every file against the manifest; `resume=auto` skips (and names) a damaged checkpoint
+and takes the one before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,23 +30,46 @@ import torch
 
 import lvmtrain
 from lvmtrain.config.schema import CheckpointConfig
-from lvmtrain.distributed.dims import Dims, barrier
+from lvmtrain.distributed.dims import Dims, all_reduce_max, barrier
 
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, dims: Dims):
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, dims: Dims, *, info: dict | None = None):
+        """`info` goes into every manifest (backend, config hash)."""
         self.cfg = cfg
         self.dir = run_dir / "checkpoints"
         self.dims = dims
+        self.info = info or {}
+        self.last_save = time.monotonic()
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def should_save(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.cfg.every > 0 and step % self.cfg.every == 0)
+        """Collective when `checkpoint.every_minutes` is set: ranks' clocks differ, so a save is
+        due on all ranks as soon as it is due on one."""
+        if step == total_steps or (self.cfg.every > 0 and step % self.cfg.every == 0):
+            return True
+        if self.cfg.every_minutes <= 0:
+            return False
+        due = torch.tensor([float(time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes)],
+                           device=self.dims.device)
+        return bool(all_reduce_max(due).item())
 
     def save(self, step: int, state: dict) -> Path:
-        """Collective: every rank calls it. `state` is the same on all ranks; RNG is per rank."""
+        """Collective: every rank calls it. `state` is complete on rank 0; RNG is per rank.
+
+        With `checkpoint.async_save`, rank 0 copies `state` to host memory and writes it in a
+        background thread; the previous save must have finished first (at most one in flight),
+        and its error, if any, is raised here.
+        """
+        self.wait()
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
         if self.dims.is_main:
@@ -47,54 +77,140 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         _write(tmp / f"rank{self.dims.rank:05d}.pt", {"rng": rng_state()})
-        if self.dims.is_main:
-            _write(tmp / STATE, state)
         barrier()
-        if self.dims.is_main:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            manifest = {"step": step, "world_size": self.dims.world, "files": files, "time": time.time(),
-                        "lvmtrain": lvmtrain.__version__, "torch": torch.__version__}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _fsync_dir(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _atomic_write_text(self.dir / "latest", final.name)
-            self._retain()
-        barrier()
+        self.last_save = time.monotonic()
+        if not self.dims.is_main:
+            return final
+        manifest = {"step": step, "world_size": self.dims.world, **self.info,
+                    "lvmtrain": lvmtrain.__version__, "torch": torch.__version__}
+        if self.cfg.async_save:
+            state = _to_host(state)  # the step loop may change the live tensors from now on
+            self._writer = threading.Thread(target=self._commit_catching, args=(tmp, final, state, manifest),
+                                            name="lvmtrain-checkpoint", daemon=False)
+            self._writer.start()
+        else:
+            self._commit(tmp, final, state, manifest)
         return final
 
+    def wait(self) -> None:
+        """Block until a background save is done; raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"the background checkpoint save failed: {error}") from error
+
+    def _commit_catching(self, *args) -> None:
+        try:
+            self._commit(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def _commit(self, tmp: Path, final: Path, state: dict, manifest: dict) -> None:
+        """Rank 0: write the state, the manifest, rename, then point `latest` at it."""
+        _crash_point("before_state", manifest["step"])
+        _write(tmp / STATE, state)
+        _crash_point("before_manifest", manifest["step"])
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest["time"] = time.time()
+        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _crash_point("before_rename", manifest["step"])
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        _crash_point("before_latest", manifest["step"])
+        _atomic_write_text(self.dir / "latest", final.name)
+        self._retain()
+
     def find_resume(self) -> Path | None:
-        """The checkpoint `checkpoint.resume` asks for, or None to start fresh."""
+        """The checkpoint `checkpoint.resume` asks for, or None to start fresh. An explicit path
+        must verify; `auto` takes the newest checkpoint that does, naming the ones it skips."""
         if self.cfg.resume == "none":
             return None
         if self.cfg.resume != "auto":
             path = Path(self.cfg.resume)
-            if not complete(path):
-                raise FileNotFoundError(f"checkpoint.resume={path}: not a complete checkpoint "
-                                        f"(no {MANIFEST} or files missing)")
+            verify(path)
             return path
         candidates = sorted(self.dir.glob("step_????????"), reverse=True) if self.dir.is_dir() else []
-        return next((c for c in candidates if complete(c)), None)
+        for path in candidates:
+            try:
+                verify(path)
+                return path
+            except CheckpointError as e:
+                if self.dims.is_main:
+                    print(f"lvmtrain: warning: skipping checkpoint: {e}", file=sys.stderr, flush=True)
+        return None
 
     def load(self, path: Path) -> dict:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        # NOTE: mmap: tensors are read from the page cache as they are used, not copied up front.
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True, mmap=True)
         own = path / f"rank{self.dims.rank:05d}.pt"
         if own.exists():
             set_rng_state(torch.load(own, weights_only=True)["rng"])
         return state
 
     def _retain(self) -> None:
+        """Keep the newest `keep`, and every checkpoint whose step is a multiple of `keep_every`."""
         done = sorted(self.dir.glob("step_????????"))
         for old in done[:-self.cfg.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            step = int(old.name.removeprefix("step_"))
+            if not (self.cfg.keep_every and step % self.cfg.keep_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, unaltered checkpoint; else CheckpointError naming the file."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (the save did not finish, or this is not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if file.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)")
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: contents differ from the manifest's checksum (altered or corrupt)")
+    return manifest
 
 
 def complete(path: Path) -> bool:
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    try:
+        verify(path)
+        return True
+    except CheckpointError:
         return False
-    files = json.loads(manifest.read_text())["files"]
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_host(obj):
+    """A copy of every tensor in `obj` in CPU memory (what an async save writes)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def _crash_point(name: str, step: int) -> None:
+    """Tests kill the process here (LVMTRAIN_CRASH_AT=name@step) to prove a save is atomic."""
+    if os.environ.get("LVMTRAIN_CRASH_AT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:

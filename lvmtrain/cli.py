@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from lvmtrain.checkpoint import CheckpointError
 from lvmtrain.config.schema import ConfigError
 from lvmtrain.data.shards import DataError
 
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep the source bytes (PNG / JPEG / WebP; others become PNG) or re-encode as JPEG")
     build.add_argument("--resize", type=int, default=None, metavar="S", help="resize so the shorter side is S")
 
+    ckpt = verbs.add_parser("ckpt", help="inspect a checkpoint, or export its weights")
+    ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True)
+    inspect = ckpt_verbs.add_parser("inspect", help="manifest and tensor summary of a checkpoint")
+    inspect.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    export = ckpt_verbs.add_parser("export", help="one safetensors file of the model weights, in our, "
+                                   "open_clip's or timm's names")
+    export.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors")
+    export.add_argument("--out", help="output file (default: CKPT/model.FORMAT.safetensors)")
+
     verbs.add_parser("models", help="list model presets with parameter counts and FLOPs")
     config = verbs.add_parser("config", help="config utilities")
     config.add_argument("what", choices=["docs", "show"], help="docs: markdown reference; show: resolved config")
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return VERBS[args.verb](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"lvmtrain: error: {e}", file=sys.stderr)
         return 2
 
@@ -115,6 +126,16 @@ def _data_build(args) -> int:
 DATA_VERBS = {"demo": _data_demo, "check": _data_check, "build": _data_build}
 
 
+def _ckpt(args) -> int:
+    from lvmtrain import export
+
+    if args.ckpt_verb == "inspect":
+        print(export.inspect(args.path))
+    else:
+        print(export.export(args.path, args.format, args.out))
+    return 0
+
+
 def _models(args) -> int:
     import torch
 
@@ -151,7 +172,7 @@ def _config(args) -> int:
     return 0
 
 
-VERBS = {"train": _train, "data": _data, "models": _models, "config": _config}
+VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "models": _models, "config": _config}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lvmtrain.checkpoint import CheckpointManager, rng_state, set_rng_state
-from lvmtrain.config.loader import config_to_dict, save_config
+from lvmtrain.config.loader import config_hash, config_to_dict, save_config
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
@@ -52,7 +52,8 @@ class Trainer:
                               f"{samples_per_epoch} samples of an epoch of data.train")
         self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
         self.run_dir = Path(cfg.log.dir) / cfg.run.name
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, dims)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, dims, info={
+            "backend": cfg.parallel.backend, "config_sha256": config_hash(cfg)})
         self._prepare_run_dir()
 
         if cfg.train.deterministic:
@@ -146,6 +147,7 @@ class Trainer:
             self._maybe_evaluate()
             if self.checkpoints.should_save(self.step, self.total_steps):
                 self.checkpoints.save(self.step, self.state_dict())
+        self.checkpoints.wait()
         self.logger.close()
         return self.last_eval
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import hashlib
 import inspect
+import json
 import types
 import typing
 from pathlib import Path
@@ -50,6 +52,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved config: a manifest records which config a checkpoint trained under."""
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -159,8 +159,16 @@ class ParallelConfig:
 class CheckpointConfig:
     every: int = 0
     """Save every N optimizer steps (0: only at the end of training)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: off)."""
     keep: int = 3
     """Number of most recent checkpoints kept on disk."""
+    keep_every: int = 0
+    """Also keep, forever, every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: the step loop only waits for the copy of the
+    state to host memory. At most one save is in flight; its error surfaces at the next save
+    or at the end of training."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint of this run if there is one;
     none: start fresh; or a path to a checkpoint directory."""
@@ -241,6 +249,8 @@ class Config:
             raise ConfigError("train.steps / train.epochs: set one of them to a positive value")
         _positive(self, "data.batch_size", "train.grad_accum_steps", "log.every", "eval.batch_size",
                   "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
+        if self.checkpoint.every_minutes < 0 or self.checkpoint.keep_every < 0 or self.checkpoint.every < 0:
+            raise ConfigError("checkpoint.every / every_minutes / keep_every: must be >= 0 (0 turns it off)")
         if self.data.workers < 0:
             raise ConfigError("data.workers: must be >= 0")
         sources = len([p for p in self.data.train.split("::") if p.strip()])
