@@ -5,7 +5,8 @@
 One process builds the model through lvmtrain's Strategy (DDP path, fp32), takes an optimizer step
 so Adam's state exists, then, side by side in one run:
 - the disk's sequential write speed (the limit): the same number of bytes written and fsynced;
-- a synchronous save (state dict, write, fsync, sha256 of every file, manifest, rename);
+- a synchronous save (torch.distributed.checkpoint's files, fsync, sha256 of every file, manifest,
+  rename);
 - an asynchronous save: how long the step loop is stalled (the copy to host memory), and how
   long until the background write is done;
 - a load: verification of every file against the manifest, then restoring model and optimizer.
@@ -64,7 +65,7 @@ def main() -> None:
     t = time.perf_counter()
     path = sync.save(1, {"strategy": strategy.state_dict()})
     sync_s = time.perf_counter() - t
-    size = sum(f.stat().st_size for f in path.iterdir())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     disk = disk_write_speed(root, size)
 
     asyn = CheckpointManager(CheckpointConfig(keep=10, async_save=True), root / "async", dims)
@@ -76,7 +77,7 @@ def main() -> None:
 
     t = time.perf_counter()
     verify(path)
-    state = sync.load(path)
+    state = sync.load(path, strategy.load_template())
     strategy.load_state_dict(state["strategy"])
     load_s = time.perf_counter() - t
 

@@ -1,7 +1,10 @@
 """CheckpointManager: when to save, atomic commit, retention, verification, finding the resume point.
 
 Layout of a run's `checkpoints/`:
-    step_00000040/   state.pt (model, optimizer, schedule, trainer state; written by rank 0)
+    step_00000040/   weights/ (torch.distributed.checkpoint: model weights and Adam moments by
+                               parameter name, each rank writing its own shards; loads resharded
+                               onto any world size and any backend)
+                     state.pt (schedule, optimizer hyper-parameters, trainer state: rank 0)
                      rank00000.pt ... (each rank's RNG states)
                      manifest.json (written last: step, world size, backend, config hash, every
                                     file's size and sha256, versions)
@@ -27,12 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import lvmtrain
 from lvmtrain.config.schema import CheckpointConfig
 from lvmtrain.distributed.dims import Dims, all_reduce_max, barrier
 
 STATE = "state.pt"
+WEIGHTS = "weights"
 MANIFEST = "manifest.json"
 
 
@@ -49,6 +55,8 @@ class CheckpointManager:
         self.info = info or {}
         self.last_save = time.monotonic()
         self._writer: threading.Thread | None = None
+        self._pending = None  # other ranks' DCP future of an async save
+        self._group = None
         self._error: BaseException | None = None
 
     def should_save(self, step: int, total_steps: int) -> bool:
@@ -63,11 +71,14 @@ class CheckpointManager:
         return bool(all_reduce_max(due).item())
 
     def save(self, step: int, state: dict) -> Path:
-        """Collective: every rank calls it. `state` is complete on rank 0; RNG is per rank.
+        """Collective: every rank calls it with the trainer's state (`Strategy.state_dict()`
+        layout under "strategy"). Weights and Adam moments go through DCP, every rank writing its
+        shards; the rest (small) is written by rank 0; RNG per rank.
 
-        With `checkpoint.async_save`, rank 0 copies `state` to host memory and writes it in a
-        background thread; the previous save must have finished first (at most one in flight),
-        and its error, if any, is raised here.
+        With `checkpoint.async_save`, DCP copies the tensors to host memory and writes them in a
+        background thread (with a process group of its own), and rank 0 commits once they are
+        written; the previous save must have finished first (at most one in flight), and its
+        error, if any, is raised here.
         """
         self.wait()
         final = self.dir / f"step_{step:08d}"
@@ -77,26 +88,43 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         _write(tmp / f"rank{self.dims.rank:05d}.pt", {"rng": rng_state()})
-        barrier()
+        weights, rest = split_weights(state)
         self.last_save = time.monotonic()
-        if not self.dims.is_main:
-            return final
         manifest = {"step": step, "world_size": self.dims.world, **self.info,
                     "lvmtrain": lvmtrain.__version__, "torch": torch.__version__}
         if self.cfg.async_save:
-            state = _to_host(state)  # the step loop may change the live tensors from now on
-            self._writer = threading.Thread(target=self._commit_catching, args=(tmp, final, state, manifest),
-                                            name="lvmtrain-checkpoint", daemon=False)
-            self._writer.start()
+            future = dcp.async_save(weights, checkpoint_id=tmp / WEIGHTS, process_group=self._async_group(),
+                                    no_dist=not dist.is_initialized())
+            if self.dims.is_main:
+                self._writer = threading.Thread(target=self._commit_catching, name="lvmtrain-checkpoint",
+                                                args=(tmp, final, rest, manifest, future))
+                self._writer.start()
+            else:
+                self._pending = future
         else:
-            self._commit(tmp, final, state, manifest)
+            dcp.save(weights, checkpoint_id=tmp / WEIGHTS, no_dist=not dist.is_initialized())
+            if self.dims.is_main:
+                self._commit(tmp, final, rest, manifest)
+        barrier()
         return final
+
+    def _async_group(self):
+        """A gloo process group for background saves, apart from the training's collectives."""
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def wait(self) -> None:
         """Block until a background save is done; raise its error."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except BaseException as e:  # noqa: BLE001 - raised below, with the others
+                self._error = e
+            self._pending = None
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"the background checkpoint save failed: {error}") from error
@@ -107,12 +135,15 @@ class CheckpointManager:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
 
-    def _commit(self, tmp: Path, final: Path, state: dict, manifest: dict) -> None:
+    def _commit(self, tmp: Path, final: Path, state: dict, manifest: dict, weights_written=None) -> None:
         """Rank 0: write the state, the manifest, rename, then point `latest` at it."""
         _crash_point("before_state", manifest["step"])
         _write(tmp / STATE, state)
+        if weights_written is not None:
+            weights_written.result()  # DCP's own commit: every rank's shards are written
         _crash_point("before_manifest", manifest["step"])
-        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["time"] = time.time()
         _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _crash_point("before_rename", manifest["step"])
@@ -142,9 +173,15 @@ class CheckpointManager:
                     print(f"lvmtrain: warning: skipping checkpoint: {e}", file=sys.stderr, flush=True)
         return None
 
-    def load(self, path: Path) -> dict:
-        # NOTE: mmap: tensors are read from the page cache as they are used, not copied up front.
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True, mmap=True)
+    def load(self, path: Path, template: dict) -> dict:
+        """The trainer state of checkpoint `path`, with the weights and moments read into
+        `template` (a `Strategy.state_dict()` of the current run: its shapes and placements), so
+        DCP reshards them from whatever world size and backend saved them. Collective."""
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        weights, _ = split_weights({"strategy": template})
+        dcp.load(weights, checkpoint_id=path / WEIGHTS, no_dist=not dist.is_initialized())
+        state["strategy"]["model"] = weights["model"]
+        state["strategy"]["optimizer"]["state"] = weights["optim"]
         own = path / f"rank{self.dims.rank:05d}.pt"
         if own.exists():
             set_rng_state(torch.load(own, weights_only=True)["rng"])
@@ -196,15 +233,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _to_host(obj):
-    """A copy of every tensor in `obj` in CPU memory (what an async save writes)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return obj
+def split_weights(state: dict) -> tuple[dict, dict]:
+    """({"model": weights, "optim": Adam moments by name}, everything else), without copying."""
+    strategy = dict(state["strategy"])
+    optimizer = dict(strategy["optimizer"])
+    weights = {"model": strategy.pop("model"), "optim": optimizer.pop("state")}
+    return weights, {**state, "strategy": {**strategy, "optimizer": optimizer}}
 
 
 def _crash_point(name: str, step: int) -> None:

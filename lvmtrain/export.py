@@ -1,18 +1,21 @@
 """`lvmtrain ckpt inspect | export`: read a checkpoint without training code, write usable weights.
 
-A checkpoint holds full tensors by the plain model's names whatever the backend that wrote it
-(see `distributed/strategy.py`), so an export is a rename at most. The state file is memory-mapped:
-tensors are read from disk as they are written out, and peak memory stays far below the model.
+A checkpoint holds tensors by the plain model's names whatever the backend that wrote it (see
+`distributed/strategy.py`), in torch.distributed.checkpoint's files, so an export is a rename at
+most; tensors are read one at a time, whole, whatever the sharding they were saved with, so peak
+memory is about the largest tensor, not the model.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from lvmtrain.checkpoint import STATE, CheckpointError, verify
+from lvmtrain.checkpoint import STATE, WEIGHTS, CheckpointError, verify
 
 FORMATS = ("safetensors", "open_clip", "timm")
 
@@ -32,26 +35,46 @@ def resolve(path: str) -> Path:
     raise CheckpointError(f"{path}: neither a checkpoint (no {STATE}) nor a run with a complete checkpoint")
 
 
+def weight_shapes(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{parameter name: (shape, dtype)} of a checkpoint's model, from DCP's metadata alone."""
+    meta = dcp.FileSystemReader(str(ckpt / WEIGHTS)).read_metadata().state_dict_metadata
+    return {key.removeprefix("model."): (tuple(m.size), m.properties.dtype) for key, m in meta.items()
+            if key.startswith("model.") and isinstance(m, dcp.TensorStorageMetadata)}
+
+
+def iter_weights(ckpt: Path):
+    """(name, tensor) of the model's weights, one tensor in memory at a time."""
+    for name, (shape, dtype) in weight_shapes(ckpt).items():
+        tensor = torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # "no process group: loading in one process", as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": {name: tensor}}, checkpoint_id=ckpt / WEIGHTS, no_dist=True)
+        yield name, tensor
+
+
 def load_weights(ckpt: Path) -> tuple[dict, dict, dict]:
-    """(manifest, model state dict, config) of a verified checkpoint, tensors memory-mapped."""
+    """(manifest, model state dict, config) of a verified checkpoint."""
     manifest = verify(ckpt)
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True, mmap=True)
-    return manifest, state["strategy"]["model"], state.get("config", {})
+    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    return manifest, dict(iter_weights(ckpt)), state.get("config", {})
 
 
 def inspect(path: str) -> str:
     ckpt = resolve(path)
-    manifest, weights, config = load_weights(ckpt)
-    total = sum(t.numel() for t in weights.values())
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+    manifest = verify(ckpt)
+    config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
+    shapes = weight_shapes(ckpt)
+    total = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in shapes.values()})
+    size = sum(m["bytes"] for m in manifest["files"].values())
     lines = [f"{ckpt}", json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=1),
-             "files: " + ", ".join(f"{n} ({m['bytes']:,} B)" for n, m in manifest["files"].items()),
-             f"model: {config.get('model', {}).get('name', '?')}, {len(weights)} tensors, {total:,} parameters, "
+             f"files: {len(manifest['files'])}, {size:,} bytes",
+             f"model: {config.get('model', {}).get('name', '?')}, {len(shapes)} tensors, {total:,} parameters, "
              f"dtypes {', '.join(dtypes)}"]
-    for name, t in list(weights.items())[:8]:
-        lines.append(f"  {name:48} {tuple(t.shape)}")
-    if len(weights) > 8:
-        lines.append(f"  ... {len(weights) - 8} more")
+    for name, (shape, _) in list(shapes.items())[:8]:
+        lines.append(f"  {name:48} {shape}")
+    if len(shapes) > 8:
+        lines.append(f"  ... {len(shapes) - 8} more")
     return "\n".join(lines)
 
 
@@ -62,19 +85,18 @@ def export(path: str, fmt: str, out: str | None = None) -> Path:
     from lvmtrain.models.registry import model_family
 
     ckpt = resolve(path)
-    _, weights, config = load_weights(ckpt)
+    verify(ckpt)
+    config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
     family = model_family(config["model"]["name"]) if config.get("model") else None
-    if fmt == "open_clip":
-        if family != "clip":
-            raise CheckpointError(f"{ckpt}: --format open_clip needs a CLIP model, this is {family}")
-        weights = lvm_to_open_clip(weights)
-    elif fmt == "timm":
-        if family != "vit":
-            raise CheckpointError(f"{ckpt}: --format timm needs a ViT model, this is {family} "
-                                  "(open_clip's format holds CLIP's towers)")
-        weights = lvm_to_timm(weights)
+    rename = {"safetensors": None, "open_clip": lvm_to_open_clip, "timm": lvm_to_timm}[fmt]
+    if fmt == "open_clip" and family != "clip":
+        raise CheckpointError(f"{ckpt}: --format open_clip needs a CLIP model, this is {family}")
+    if fmt == "timm" and family != "vit":
+        raise CheckpointError(f"{ckpt}: --format timm needs a ViT model, this is {family} "
+                              "(open_clip's format holds CLIP's towers)")
     target = Path(out) if out else ckpt / f"model.{fmt}.safetensors"
-    write_safetensors(weights, target, metadata={"format": "pt", "lvmtrain_checkpoint": str(ckpt), "names": fmt})
+    write_safetensors(ckpt, rename, target,
+                      metadata={"format": "pt", "lvmtrain_checkpoint": str(ckpt), "names": fmt})
     return target
 
 
@@ -83,25 +105,29 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.bool: "BOOL"}
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """The safetensors format, written one tensor at a time.
+def write_safetensors(ckpt: Path, rename, path: Path, metadata: dict[str, str]) -> None:
+    """The checkpoint's weights in the safetensors format, one tensor in memory at a time.
 
-    NOTE: `safetensors.torch.save_file` first turns every tensor into bytes in memory (peak = the
-    whole model); here the header is computed from shapes alone and each tensor is copied from
-    its memory map to the file in turn, so peak memory is about the largest tensor.
+    NOTE: `safetensors.torch.save_file` wants every tensor in memory at once (and then a byte copy
+    of each); here the header is computed from DCP's metadata, and each tensor is read, renamed
+    (`rename`: one tensor -> {name: tensor} in the target's names) and written in turn.
     """
+    shapes = weight_shapes(ckpt)
     header: dict = {"__metadata__": metadata}
     offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    for name, (shape, dtype) in shapes.items():
+        probe = {name: torch.empty(shape, dtype=dtype, device="meta")}
+        for out_name, t in (rename(probe) if rename else probe).items():
+            size = t.numel() * t.element_size()
+            header[out_name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+            offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for t in tensors.values():
-            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for name, tensor in iter_weights(ckpt):
+            for t in (rename({name: tensor}) if rename else {name: tensor}).values():
+                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     tmp.replace(path)

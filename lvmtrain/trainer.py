@@ -79,7 +79,7 @@ class Trainer:
             print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
         resume = self.checkpoints.find_resume()
         if resume is not None:
-            state = self.checkpoints.load(resume)
+            state = self.checkpoints.load(resume, self.strategy.load_template())
             self.strategy.load_state_dict(state["strategy"])
             self.bad_samples.load_state_dict(state["bad_samples"], rank=dims.rank)
             self.step, self.samples_seen = state["step"], state["samples_seen"]

@@ -136,7 +136,9 @@ class DeepSpeedStrategy:
 
     def state_dict(self) -> dict:
         """Full fp32 weights and Adam moments by parameter name, gathered from ZeRO's partitions
-        (collective; every rank gets them)."""
+        (collective; every rank gets them, DCP writes each once).
+        NOTE: whole tensors in host memory on every rank; writing ZeRO's partitions as slices of
+        flattened parameters would avoid it."""
         self._link_moments()
         model, moments = {}, {}
         for name, p in self._params():
@@ -153,6 +155,15 @@ class DeepSpeedStrategy:
         return {"model": model,
                 "optimizer": {"state": {n: {"step": step.clone(), **m} for n, m in moments.items()},
                               "param_groups": groups},
+                "scheduler": self.scheduler.state_dict(), "scaler": {}}
+
+    def load_template(self) -> dict:
+        """Empty full-size fp32 tensors of every weight and moment (ZeRO's own are partitions)."""
+        model = {n: torch.empty(_shape(p)) for n, p in self._params()}
+        model.update({n: torch.empty_like(b, device="cpu") for n, b in self.engine.module.named_buffers()})
+        moments = {n: {"step": torch.tensor(0.0), **{k: torch.empty(_shape(p)) for k in MOMENTS}}
+                   for n, p in self._params()}
+        return {"model": model, "optimizer": {"state": moments, "param_groups": []},
                 "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
     def load_state_dict(self, state: dict) -> None:

@@ -4,11 +4,13 @@ The trainer only ever talks to a `Strategy`; it never asks which engine is behin
 
 Every strategy's `state_dict()` has the same layout, keyed by the plain model's parameter names,
 so a state saved under one engine loads under any other:
-    {"model": {name: full tensor},
+    {"model": {name: tensor},
      "optimizer": {"state": {name: {"step", "exp_avg", "exp_avg_sq"}},
                    "param_groups": [{"params": [names], "lr", "weight_decay", ...}]},
      "scheduler": LambdaLR state, "scaler": GradScaler state}
-(the optimizer part is `torch.distributed.checkpoint.state_dict`'s full optimizer state dict).
+(the optimizer part is `torch.distributed.checkpoint.state_dict`'s optimizer state dict). Tensors
+are as the engine holds them: DTensor shards under FSDP2, whole tensors under DDP and ZeRO;
+torch.distributed.checkpoint saves and reshards either.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class Strategy(Protocol):
         every rank calls it the same number of times)."""
 
     def state_dict(self) -> dict:
-        """The layout in this module's docstring; collective. Complete on rank 0 at least."""
+        """The layout in this module's docstring; collective."""
+
+    def load_template(self) -> dict:
+        """A `state_dict()` to read a checkpoint into: this run's shapes and placements."""
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -164,21 +169,21 @@ class TorchStrategy:
         return self.plain
 
     def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        # NOTE: cpu_offload gathers to rank 0 only; the checkpoint manager writes from rank 0.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-        return {"model": get_model_state_dict(self.plain, options=options),
-                "optimizer": get_optimizer_state_dict(self.plain, self.optimizer, options=options),
+        # NOTE: DTensor shards under FSDP2 (each rank saves its own), the tensors themselves under
+        # DDP (saved once): no gathering, no copy.
+        return {"model": get_model_state_dict(self.plain),
+                "optimizer": get_optimizer_state_dict(self.plain, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+    def load_template(self) -> dict:
+        return self.state_dict()  # the live tensors: DCP reads into them in place
 
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.plain, state["model"], options=options)
-        set_optimizer_state_dict(self.plain, self.optimizer, state["optimizer"], options=options)
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.plain, state["model"])
+        set_optimizer_state_dict(self.plain, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

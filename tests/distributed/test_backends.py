@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+from lvmtrain.export import load_weights
 from tests.conftest import read_metrics, run_lvmtrain
 
 STEPS = 10
@@ -20,7 +21,7 @@ def losses(run_dir):
 
 def final_weights(run_dir):
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return torch.load(ckpt / "state.pt", weights_only=True)["strategy"]["model"]
+    return load_weights(ckpt)[1]
 
 
 def assert_same_run(ref_dir, run_dir, rtol):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lvmtrain.data.ledger import read_ledger
+from lvmtrain.export import load_weights
 from tests.conftest import read_metrics, run_lvmtrain
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -29,7 +30,7 @@ def losses(run_dir):
 
 def weights(run_dir):
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return torch.load(ckpt / "state.pt", weights_only=True)["strategy"]["model"]
+    return load_weights(ckpt)[1]
 
 
 # NOTE: DDP is covered by tests/system/test_data_resume.py (kill -9 one of 2 ranks, resume on 2 and 1).
