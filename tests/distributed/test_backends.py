@@ -122,12 +122,14 @@ def test_meta_init_builds_sharded_and_trains(shards, tmp_path, backend):
 
 @needs_deepspeed
 def test_checkpoint_moves_between_backends(shards, tmp_path):
-    """One run, resumed under another backend each time (DDP -> FSDP2 -> ZeRO-3 -> DDP), follows the
-    uninterrupted single-process run step for step: weights, Adam moments, schedule, data position."""
+    """One run, resumed under another backend and world size each time (DDP on 2 ranks -> FSDP2 on
+    3 -> ZeRO-3 on 1 -> DDP on 3), follows the uninterrupted single-process run step for step:
+    weights, Adam moments, schedule, data position."""
     constant = ["optim.schedule=constant", "checkpoint.every=2"]
-    ref = train(shards, tmp_path / "ref", "ref", "data.batch_size=32", *constant)
-    chain = [(4, ["parallel.backend=ddp"]), (6, ["parallel.backend=fsdp"]),
-             (8, ["parallel.backend=deepspeed", "parallel.zero_stage=3"]), (10, ["parallel.backend=ddp"])]
-    for steps, backend in chain:
-        run = train(shards, tmp_path, "chain", "data.batch_size=16", *constant, *backend, nproc=2, steps=steps)
+    ref = train(shards, tmp_path / "ref", "ref", "data.batch_size=48", *constant)
+    chain = [(4, 2, ["parallel.backend=ddp"]), (6, 3, ["parallel.backend=fsdp"]),
+             (8, 1, ["parallel.backend=deepspeed", "parallel.zero_stage=3"]), (10, 3, ["parallel.backend=ddp"])]
+    for steps, ranks, backend in chain:
+        run = train(shards, tmp_path, "chain", f"data.batch_size={48 // ranks}", *constant, *backend,
+                    nproc=ranks, steps=steps)
     assert_same_run(ref, run, rtol=1e-4)

@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
 from lvmtrain.data.ledger import read_ledger
+from lvmtrain.export import load_weights
 from lvmtrain.data.shards import index_shard
 from tests.conftest import REPO, free_port, read_metrics, run_lvmtrain
 
@@ -32,10 +34,11 @@ def straight(tmp_path_factory, shards):
     """An uninterrupted 2-rank x 2-worker run over one epoch."""
     tmp = tmp_path_factory.mktemp("straight")
     run_lvmtrain(args(tmp, shards, "straight", 16), nproc=2)
-    return read_ledger(tmp / "straight")
+    return tmp / "straight"
 
 
 def test_one_epoch_on_two_ranks_two_workers_sees_every_key_once(straight, shards):
+    straight = read_ledger(straight)
     keys = [k for step in straight.values() for k in step]
     assert sorted(straight) == list(range(1, STEPS + 1))
     assert len(keys) == len(set(keys)) == 1536
@@ -59,13 +62,21 @@ def kill_one_rank_after(tmp_path, shards, name, step):
 
 
 def test_kill_a_rank_then_resume_on_two_and_on_one_rank(tmp_path, shards, straight):
+    """Also the checkpoint issue's bit-exact resume: DDP, 2 ranks, fp32, kill -9 after step 20."""
+    straight_dir, straight = straight, read_ledger(straight)
     kill_one_rank_after(tmp_path, shards, "killed", 20)
     shutil.copytree(tmp_path / "killed", tmp_path / "killed_then_1")
     resumed = run_lvmtrain(args(tmp_path, shards, "killed", 16), nproc=2)
     assert "resumed from" in resumed.stdout
     same_world = read_ledger(tmp_path / "killed")
-    # Same world size: the very same keys at every step, in the same ranks.
+    # Same world size: the very same keys at every step, in the same ranks, and the same numbers.
     assert same_world == straight
+    ref_losses = {m["step"]: m["loss"] for m in read_metrics(straight_dir) if "loss" in m}
+    got = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "killed") if "loss" in m}
+    assert {s: got[s] for s in ref_losses if s > 20} == {s: ref_losses[s] for s in ref_losses if s > 20}
+    ref_w = load_weights(straight_dir / "checkpoints" / f"step_{STEPS:08d}")[1]
+    got_w = load_weights(tmp_path / "killed" / "checkpoints" / f"step_{STEPS:08d}")[1]
+    assert all(torch.equal(got_w[n], ref_w[n]) for n in ref_w)
     resumed = run_lvmtrain(args(tmp_path, shards, "killed_then_1", 32))
     assert "resumed from" in resumed.stdout
     one_rank = read_ledger(tmp_path / "killed_then_1")
