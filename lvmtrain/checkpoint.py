@@ -77,8 +77,8 @@ class CheckpointManager:
 
         With `checkpoint.async_save`, DCP copies the tensors to host memory and writes them in a
         background thread (with a process group of its own), and rank 0 commits once they are
-        written; the previous save must have finished first (at most one in flight), and its
-        error, if any, is raised here.
+        written; the previous save must have finished first (at most one in flight). Its error,
+        if any, is raised by `check()` at the next step, or here.
         """
         self.wait()
         final = self.dir / f"step_{step:08d}"
@@ -113,6 +113,14 @@ class CheckpointManager:
         if self._group is None and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
         return self._group
+
+    def check(self) -> None:
+        """Raise the error of a background save that has already failed (cheap: called every step)."""
+        pending = self._pending
+        if pending is not None and pending.done() and pending.exception() is not None:
+            self._error, self._pending = pending.exception(), None
+        if self._error is not None:
+            self.wait()
 
     def wait(self) -> None:
         """Block until a background save is done; raise its error."""

@@ -145,6 +145,7 @@ class Trainer:
                 self._log(metrics)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             self._maybe_evaluate()
+            self.checkpoints.check()
             if self.checkpoints.should_save(self.step, self.total_steps):
                 self.checkpoints.save(self.step, self.state_dict())
         self.checkpoints.wait()

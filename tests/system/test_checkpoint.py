@@ -1,6 +1,7 @@
 """Checkpoints: atomic under kill -9 at any point of a save, verified on load, async, exported."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -125,3 +126,15 @@ def test_exports_load_in_open_clip_and_safetensors(tmp_path, shards):
         assert torch.allclose(ref.logit_scale.reshape(1), ours.logit_scale)
     inspect = run_lvmtrain(["ckpt", "inspect", str(tmp_path / "c")]).stdout
     assert "clip_debug" in inspect and "7,768,833 parameters" in inspect and '"backend": "ddp"' in inspect
+
+
+def test_failed_background_save_surfaces_at_the_next_step(tmp_path):
+    dims = type("Dims", (), {"is_main": True, "rank": 0, "world": 1, "device": torch.device("cpu")})()
+    manager = CheckpointManager(CheckpointConfig(async_save=True), tmp_path, dims)
+    manager.save(1, {"strategy": {"model": {"w": torch.ones(3)}, "optimizer": {"state": {}, "param_groups": []}},
+                     "bad": lambda: None})  # a lambda cannot be pickled: the write fails in the background
+    with pytest.raises(CheckpointError, match="background checkpoint save failed"):
+        for _ in range(100):
+            manager.check()
+            time.sleep(0.05)
+    assert not (tmp_path / "checkpoints" / "step_00000001").exists()  # and it never became a checkpoint
