@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 
 import lvmtrain
 from lvmtrain.config.schema import CheckpointConfig
-from lvmtrain.distributed.dims import Dims, all_reduce_max, barrier
+from lvmtrain.distributed.dims import Dims, all_reduce_max, barrier, broadcast_object
 
 STATE = "state.pt"
 WEIGHTS = "weights"
@@ -164,22 +164,26 @@ class CheckpointManager:
 
     def find_resume(self) -> Path | None:
         """The checkpoint `checkpoint.resume` asks for, or None to start fresh. An explicit path
-        must verify; `auto` takes the newest checkpoint that does, naming the ones it skips."""
+        must verify; `auto` takes the newest checkpoint that does, naming the ones it skips.
+        Collective: rank 0 reads and hashes the files once and tells the other ranks."""
         if self.cfg.resume == "none":
             return None
-        if self.cfg.resume != "auto":
-            path = Path(self.cfg.resume)
-            verify(path)
-            return path
-        candidates = sorted(self.dir.glob("step_????????"), reverse=True) if self.dir.is_dir() else []
-        for path in candidates:
+        choice: Path | CheckpointError | None = None
+        if self.dims.is_main:
             try:
-                verify(path)
-                return path
+                if self.cfg.resume != "auto":
+                    verify(Path(self.cfg.resume))
+                    choice = Path(self.cfg.resume)
+                else:
+                    found = newest_verified(self.dir, on_skip=lambda e: print(
+                        f"lvmtrain: warning: skipping checkpoint: {e}", file=sys.stderr, flush=True))
+                    choice = found and found[0]
             except CheckpointError as e:
-                if self.dims.is_main:
-                    print(f"lvmtrain: warning: skipping checkpoint: {e}", file=sys.stderr, flush=True)
-        return None
+                choice = e
+        choice = broadcast_object(choice)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        return choice
 
     def load(self, path: Path, template: dict) -> dict:
         """The trainer state of checkpoint `path`, with the weights and moments read into
@@ -225,12 +229,16 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-def complete(path: Path) -> bool:
-    try:
-        verify(path)
-        return True
-    except CheckpointError:
-        return False
+def newest_verified(checkpoints: Path, on_skip=None) -> tuple[Path, dict] | None:
+    """(path, manifest) of the newest checkpoint under `checkpoints/` that verifies; `on_skip`
+    is told about each newer one that does not."""
+    for path in sorted(checkpoints.glob("step_????????"), reverse=True) if checkpoints.is_dir() else []:
+        try:
+            return path, verify(path)
+        except CheckpointError as e:
+            if on_skip is not None:
+                on_skip(e)
+    return None
 
 
 def _sha256(path: Path) -> str:

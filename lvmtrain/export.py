@@ -15,24 +15,18 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lvmtrain.checkpoint import STATE, WEIGHTS, CheckpointError, verify
+from lvmtrain.checkpoint import MANIFEST, STATE, WEIGHTS, CheckpointError, newest_verified, verify
 
-FORMATS = ("safetensors", "open_clip", "timm")
-
-
-def resolve(path: str) -> Path:
-    """A checkpoint directory, or a run directory (-> its newest verified checkpoint)."""
+def resolve(path: str) -> tuple[Path, dict]:
+    """(checkpoint, manifest), verified: `path` itself, or a run directory's newest checkpoint
+    that verifies."""
     p = Path(path)
-    if (p / STATE).exists() or (p / "manifest.json").exists():
-        return p
-    ckpts = sorted((p / "checkpoints").glob("step_????????"), reverse=True)
-    for c in ckpts:
-        try:
-            verify(c)
-            return c
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"{path}: neither a checkpoint (no {STATE}) nor a run with a complete checkpoint")
+    if (p / STATE).exists() or (p / MANIFEST).exists():
+        return p, verify(p)
+    found = newest_verified(p / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {STATE}) nor a run with a complete checkpoint")
+    return found
 
 
 def weight_shapes(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -60,8 +54,7 @@ def load_weights(ckpt: Path) -> tuple[dict, dict, dict]:
 
 
 def inspect(path: str) -> str:
-    ckpt = resolve(path)
-    manifest = verify(ckpt)
+    ckpt, manifest = resolve(path)
     config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
     shapes = weight_shapes(ckpt)
     total = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
@@ -84,8 +77,7 @@ def export(path: str, fmt: str, out: str | None = None) -> Path:
     from lvmtrain.models.convert import lvm_to_open_clip, lvm_to_timm
     from lvmtrain.models.registry import model_family
 
-    ckpt = resolve(path)
-    verify(ckpt)
+    ckpt, _ = resolve(path)
     config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
     family = model_family(config["model"]["name"]) if config.get("model") else None
     rename = {"safetensors": None, "open_clip": lvm_to_open_clip, "timm": lvm_to_timm}[fmt]

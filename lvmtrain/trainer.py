@@ -68,6 +68,7 @@ class Trainer:
         self.family = model_family(m.name)
         self.task = build_task(self.family, cfg.optim)
         self.flops_per_sample = model.flops_per_sample()
+        # NOTE: ds_numel: under zero.Init (meta_init, ZeRO-3) the parameters are already partitions.
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.strategy.setup(model, cfg.optim, self.total_steps, micro_batch=cfg.data.batch_size,
                             accum=cfg.train.grad_accum_steps)

@@ -83,6 +83,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
