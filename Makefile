@@ -14,7 +14,7 @@ env: $(VENV)/.installed
 
 # NOTE: torch and torchvision first and pinned: they install from the local disk here, and a
 # later resolver run must not pull a different build (torch 2.13 + torchvision fails to import).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[test,wandb,deepspeed]'
