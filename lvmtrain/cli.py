@@ -57,6 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors")
     export.add_argument("--out", help="output file (default: CKPT/model.FORMAT.safetensors)")
 
+    submit = verbs.add_parser("submit", help="submit a training job to Slurm (slurm/train.sbatch); prints the job id")
+    submit.add_argument("config", help="YAML config file")
+    submit.add_argument("overrides", nargs="*", help="dotted overrides, passed to every rank")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU (0: CPU ranks)")
+    submit.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node without GPUs (default 1)")
+    submit.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (data workers + threads)")
+    submit.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (the job saves and requeues "
+                        "itself 2 minutes before it)")
+    submit.add_argument("--partition", default=None)
+    submit.add_argument("--account", default=None)
+    submit.add_argument("--job-name", default=None, help="default: run.name; the run directory is "
+                        "log.dir/JOB_NAME-JOB_ID")
+    submit.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="any other sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    submit.add_argument("--script", default=None, help="batch script (default: the repository's slurm/train.sbatch)")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of running it")
+
     verbs.add_parser("models", help="list model presets with parameter counts and FLOPs")
     config = verbs.add_parser("config", help="config utilities")
     config.add_argument("what", choices=["docs", "show"], help="docs: markdown reference; show: resolved config")
@@ -65,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--write", metavar="README", help="docs: replace the reference between the "
                         "config-reference markers of this file")
 
-    args = parser.parse_args(argv)
+    # NOTE: overrides may come after options (`submit CONFIG --nodes 2 optim.lr=1e-3`), which
+    # argparse alone refuses once the positional list has been read.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return VERBS[args.verb](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
@@ -80,10 +104,16 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from lvmtrain.trainer import Trainer
 
+    from lvmtrain.preemption import EXIT_REQUEUE
+
     try:
-        result = Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        result = trainer.train()
     finally:
         shutdown()
+    if trainer.stopped_by:
+        # NOTE: the batch script requeues on this code; the requeued job resumes the checkpoint.
+        return EXIT_REQUEUE
     if result and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0
@@ -136,6 +166,19 @@ def _ckpt(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from pathlib import Path
+
+    from lvmtrain.slurm import DEFAULT_SCRIPT, JobSpec, submit
+
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                   account=args.account, job_name=args.job_name, sbatch_args=args.sbatch_arg,
+                   script=Path(args.script) if args.script else DEFAULT_SCRIPT)
+    print(submit(args.config, args.overrides, spec, dry_run=args.dry_run))
+    return 0
+
+
 def _models(args) -> int:
     import torch
 
@@ -172,7 +215,7 @@ def _config(args) -> int:
     return 0
 
 
-VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "models": _models, "config": _config}
+VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "submit": _submit, "models": _models, "config": _config}
 
 if __name__ == "__main__":
     sys.exit(main())

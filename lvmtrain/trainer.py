@@ -26,6 +26,7 @@ from lvmtrain.distributed.strategy import build_strategy
 from lvmtrain.evaluate import top1, zero_shot_weights
 from lvmtrain.metrics import MetricLogger, print0
 from lvmtrain.models.registry import build_model, model_family
+from lvmtrain.preemption import StopRequest, restart_count
 from lvmtrain.tasks import build_task
 
 CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "eval/top1")
@@ -75,6 +76,7 @@ class Trainer:
 
         self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
         self.last_eval: dict[str, float] = {}
+        self.stopped_by: str | None = None  # the signal that stopped the run early, once saved
         self.bad_samples = BadSampleCounter(cfg.data.max_bad_fraction, train_shards.problems, dims.device)
         for _, _, message in train_shards.problems if dims.is_main else ():
             print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
@@ -117,13 +119,25 @@ class Trainer:
                               f"(checkpoint.resume=auto), pick another run.name, or set run.overwrite=true")
         barrier()  # every rank has looked before rank 0 deletes anything
         if self.dims.is_main:
-            if cfg.run.overwrite and self.run_dir.exists():
+            if cfg.run.overwrite and self.run_dir.exists() and restart_count() == 0:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier()
 
     def train(self) -> dict[str, float]:
+        """Train to `total_steps`, or until a stop signal: then save this step and return early
+        with `stopped_by` set."""
+        stop = StopRequest()  # NOTE: before the loader forks its workers, which ignore the signals
+        try:
+            self._loop(stop)
+        finally:
+            stop.restore()
+        self.checkpoints.wait()
+        self.logger.close()
+        return self.last_eval
+
+    def _loop(self, stop: StopRequest) -> None:
         batches = iter(self.train_loader)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         while self.step < self.total_steps:
@@ -147,11 +161,13 @@ class Trainer:
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             self._maybe_evaluate()
             self.checkpoints.check()
-            if self.checkpoints.should_save(self.step, self.total_steps):
+            self.stopped_by = stop.agreed(self.dims.device) if self.step < self.total_steps else None
+            if self.stopped_by or self.checkpoints.should_save(self.step, self.total_steps):
                 self.checkpoints.save(self.step, self.state_dict())
-        self.checkpoints.wait()
-        self.logger.close()
-        return self.last_eval
+            if self.stopped_by:
+                print0(f"stopped by {self.stopped_by} at step {self.step} of {self.total_steps}; "
+                       f"saved {self.checkpoints.dir}/step_{self.step:08d}", enabled=self.dims.is_main)
+                return
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         n = len(micro_batches)

@@ -23,7 +23,8 @@ class RunConfig:
     """Name of the run; its directory is `log.dir/run.name/`."""
     overwrite: bool = False
     """Start from scratch even if `log.dir/run.name/` holds a finished or older run (its
-    checkpoints are deleted). Without it, an existing run directory is resumed or refused."""
+    checkpoints are deleted). Without it, an existing run directory is resumed or refused. A
+    restart of the same launch (torchrun's elastic restart, Slurm's requeue) resumes instead."""
 
 
 @dataclass
@@ -214,7 +215,7 @@ class TrainConfig:
     """Autocast dtype for forward/backward (weights and optimizer stay fp32). bf16 is fast on
     recent GPUs and very slow on CPUs without bf16 units."""
     threads: int = 0
-    """torch intra-op threads per rank on CPU (0: cores / local ranks)."""
+    """torch intra-op threads per rank on CPU (0: Slurm's --cpus-per-task, else cores / local ranks)."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms; cuDNN autotuning off):
     repeatable to the bit on the same hardware, somewhat slower."""

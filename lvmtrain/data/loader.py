@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvmtrain.data.shards import Cursor, DataError, ShardReader, ShardSet, epoch_order, epoch_size
 from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
+from lvmtrain.preemption import ignore_stop_signals
 
 
 @dataclass
@@ -258,7 +259,8 @@ class EvalBatches(IterableDataset):
 
 def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
 def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) -> _SampleDecoder:

@@ -44,6 +44,8 @@ def init_distributed(cfg: ParallelConfig, threads: int = 0) -> Dims:
     else:
         device = torch.device("cpu")
         # NOTE: every local rank would otherwise start one thread per core and they would fight.
+        # Under Slurm a task owns --cpus-per-task CPUs, whatever the node has.
+        threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:

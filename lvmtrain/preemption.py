@@ -1,0 +1,81 @@
+"""Pre-emption and time limits: a signal asks the run to save at the end of the current step and stop.
+
+Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, forwarded to the ranks by
+`slurm/train.sbatch`) and sends SIGTERM on `scancel` or pre-emption; torchrun forwards the
+signals named in `--signals-to-handle`. Each rank only notes the signal: the ranks then agree on
+the step to stop at (one collective per step), every rank saves that step's checkpoint, and the
+process exits with `EXIT_REQUEUE`, which the batch script answers with `scontrol requeue`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+from lvmtrain.distributed.dims import all_reduce_max
+
+# "Checkpoint saved on a stop signal; run me again to resume." Distinct from Python's 1 (error),
+# argparse / lvmtrain's 2 (bad input) and 128+N (killed by signal N).
+EXIT_REQUEUE = 42
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Notes SIGUSR1 / SIGTERM instead of dying; `agreed()` turns the note into a collective decision."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.received: int = 0
+        self._previous: dict[int, object] = {}
+        # NOTE: handlers can only be installed from the main thread (a Trainer built elsewhere,
+        # e.g. in a notebook thread, simply is not stoppable by signal).
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        if not self.received:
+            print(f"lvmtrain: rank {os.environ.get('RANK', '0')} got {signal.Signals(signum).name}: "
+                  f"saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
+        self.received = self.received or signum
+
+    def agreed(self, device: torch.device) -> str | None:
+        """Collective, every step: the signal's name on every rank once any rank has received one."""
+        received = all_reduce_max(torch.tensor([self.received], dtype=torch.int32, device=device))
+        signum = int(received.item())
+        return signal.Signals(signum).name if signum else None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: Slurm signals every process of a job, data workers included.
+
+    A worker dying of SIGTERM makes the trainer raise before it can save, so workers ignore
+    SIGUSR1, and SIGTERM unless it comes from their own trainer process: the loader terminates a
+    stuck worker that way when it shuts down (torch's workers make the same check in C).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    # NOTE: a Python handler cannot see the sender; sigwaitinfo can. SIGTERM is blocked in this
+    # thread (new threads inherit the mask) and taken by a watcher thread instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="lvmtrain-sigterm", daemon=True).start()
+
+
+def restart_count() -> int:
+    """How many times this launch restarted: torchrun's elastic restarts or Slurm's requeues."""
+    return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+               int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
