@@ -104,16 +104,15 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from lvmtrain.trainer import Trainer
 
-    from lvmtrain.preemption import EXIT_REQUEUE
+    from lvmtrain.preemption import requeue_exit_code
 
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
     finally:
         shutdown()
-    if trainer.stopped_by:
-        # NOTE: the batch script requeues on this code; the requeued job resumes the checkpoint.
-        return EXIT_REQUEUE
+    if trainer.stopped_by:  # the batch script requeues on this code; the new job resumes the checkpoint
+        return requeue_exit_code()
     if result and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0

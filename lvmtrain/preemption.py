@@ -54,6 +54,16 @@ class StopRequest:
         self._previous.clear()
 
 
+def requeue_exit_code() -> int:
+    """`EXIT_REQUEUE`, for a process whose run stopped and saved; from here on it ignores the
+    stop signals. NOTE: `srun --kill-on-bad-exit` SIGTERMs the other ranks as soon as the first
+    exits 42, and Python's finalisation restores the default action of signals with Python
+    handlers, so a rank still tearing down would die of the signal (exit 143, no requeue)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return EXIT_REQUEUE
+
+
 def ignore_stop_signals(worker_id: int | None = None) -> None:
     """DataLoader `worker_init_fn`: Slurm signals every process of a job, data workers included.
 

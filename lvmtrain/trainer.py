@@ -132,9 +132,13 @@ class Trainer:
         try:
             self._loop(stop)
         finally:
-            stop.restore()
+            # NOTE: once stopped, the handlers stay (see `requeue_exit_code`): a rank waiting
+            # at the barrier below for rank 0 must not die of srun's SIGTERM.
+            if not self.stopped_by:
+                stop.restore()
         self.checkpoints.wait()
         self.logger.close()
+        barrier()  # rank 0 has finished W&B and the checkpoint before any rank exits
         return self.last_eval
 
     def _loop(self, stop: StopRequest) -> None:
