@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--script", default=None, help="batch script (default: the repository's slurm/train.sbatch)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of running it")
 
+    report = verbs.add_parser("report", help="PNG plots and a markdown summary of runs from their metrics.jsonl")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (several: overlaid)")
+    report.add_argument("--out", default=None, help="output folder (default: the first run's report/)")
+
     verbs.add_parser("models", help="list model presets with parameter counts and FLOPs")
     config = verbs.add_parser("config", help="config utilities")
     config.add_argument("what", choices=["docs", "show"], help="docs: markdown reference; show: resolved config")
@@ -178,6 +182,14 @@ def _submit(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from lvmtrain.report import report
+
+    out = report(args.runs, args.out)
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
 def _models(args) -> int:
     import torch
 
@@ -214,7 +226,8 @@ def _config(args) -> int:
     return 0
 
 
-VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "submit": _submit, "models": _models, "config": _config}
+VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "submit": _submit, "report": _report, "models": _models,
+         "config": _config}
 
 if __name__ == "__main__":
     sys.exit(main())

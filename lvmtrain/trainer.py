@@ -21,15 +21,15 @@ from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
 from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
-from lvmtrain.distributed.dims import all_reduce_mean, barrier, init_distributed, set_deterministic
+from lvmtrain.distributed.dims import all_reduce_max, all_reduce_mean, barrier, init_distributed, set_deterministic
 from lvmtrain.distributed.strategy import build_strategy
 from lvmtrain.evaluate import top1, zero_shot_weights
-from lvmtrain.metrics import MetricLogger, print0
+from lvmtrain.metrics import MetricLogger, StepTimer, device_peak_flops, memory_metrics, print0
 from lvmtrain.models.registry import build_model, model_family
 from lvmtrain.preemption import StopRequest, restart_count
 from lvmtrain.tasks import build_task
 
-CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "eval/top1")
+CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "mfu", "eval/top1")
 # Values every rank holds identically (data/* counts are already summed over ranks): logged as
 # they are, not averaged over ranks.
 SHARED_KEYS = ("lr", "samples_seen", "epoch")
@@ -104,11 +104,16 @@ class Trainer:
                                                seed=cfg.train.seed, start=self.cursor)
         self.eval_loader = None if val_shards is None else build_eval_loader(
             val_shards, cfg.data, dims, image_size=self.image_size, batch_size=cfg.eval.batch_size)
+        self.timer = StepTimer(dims.device)
+        self.peak_flops, peak_source = device_peak_flops(dims.device, cfg.train.precision, cfg.log.peak_tflops)
         self.logger = MetricLogger(cfg.log, self.run_dir, enabled=dims.is_main, run_name=cfg.run.name,
-                                   config=config_to_dict(cfg), wandb_id=wandb_id)
+                                   config=config_to_dict(cfg), total_steps=self.total_steps,
+                                   start_step=self.step, wandb_id=wandb_id)
         print0(f"run {self.run_dir}: {self.family} {m.name}, {self.n_params:,} "
                f"parameters, {dims.world} rank(s) on {dims.device}, global batch {self.global_batch}, "
-               f"{self.total_steps} steps ({steps_per_epoch} per epoch)", enabled=dims.is_main)
+               f"{self.total_steps} steps ({steps_per_epoch} per epoch); {self.flops_per_sample / 1e9:.3g} "
+               f"GFLOP per sample, device peak {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
+               enabled=dims.is_main)
 
     def _prepare_run_dir(self) -> None:
         """Create `log.dir/run.name/` and write the resolved config; refuse to clobber a run."""
@@ -137,17 +142,19 @@ class Trainer:
             if not self.stopped_by:
                 stop.restore()
         self.checkpoints.wait()
+        if self.step == self.total_steps:
+            self.logger.log_checkpoint(self.checkpoints.dir / f"step_{self.step:08d}", self.step)
         self.logger.close()
         barrier()  # rank 0 has finished W&B and the checkpoint before any rank exits
         return self.last_eval
 
     def _loop(self, stop: StopRequest) -> None:
         batches = iter(self.train_loader)
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        window_start, window_steps = time.perf_counter(), 0
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
-            data_wait += time.perf_counter() - t0
+            self.timer.add("data_wait", time.perf_counter() - t0)
             metrics = self.train_step(micro)
             self.step += 1
             self.samples_seen += self.global_batch
@@ -157,12 +164,11 @@ class Trainer:
             if self.ledger:
                 self.ledger.record(self.step, micro)
             window_steps += 1
+            self.logger.advance(self.step)
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics.update(self._throughput(window_steps, elapsed), data_wait_share=data_wait / elapsed)
-                metrics.update(self.bad_samples.totals(self.samples_seen))
+                metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
                 self._log(metrics)
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                window_start, window_steps = time.perf_counter(), 0
             self._maybe_evaluate()
             self.checkpoints.check()
             self.stopped_by = stop.agreed(self.dims.device) if self.step < self.total_steps else None
@@ -176,17 +182,19 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         n = len(micro_batches)
         if n > 1 and self.task.batch_coupled:
-            totals = self._coupled_step([self._to_device(b) for b in micro_batches])
+            with self.timer("fwd_bwd"):
+                totals = self._coupled_step([self._to_device(b) for b in micro_batches])
         else:
             totals = {}
             for i, batch in enumerate(micro_batches):
                 batch = self._to_device(batch)
-                with self.strategy.micro_step(sync_grads=i == n - 1):
+                with self.timer("fwd_bwd"), self.strategy.micro_step(sync_grads=i == n - 1):
                     out = self.task(self.strategy.model, batch)
                     self.strategy.backward(out["loss"] / n)
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + v.item() / n
-        grad_norm = self.strategy.step()
+        with self.timer("optimizer"):
+            grad_norm = self.strategy.step()
         return {**totals, "grad_norm": grad_norm.item(), "lr": self.strategy.lr}
 
     def _coupled_step(self, batches: list[dict]) -> dict[str, float]:
@@ -242,17 +250,38 @@ class Trainer:
         release_batch(batch)
         return out
 
-    def _throughput(self, steps: int, elapsed: float) -> dict[str, float]:
-        samples_per_s = steps * self.global_batch / elapsed
-        return {"samples_per_s": samples_per_s, "samples_per_s_per_device": samples_per_s / self.dims.world,
-                "samples_seen": self.samples_seen, "epoch": self.cursor.epoch,
-                "tflops_per_device": samples_per_s * self.flops_per_sample / self.dims.world / 1e12}
+    def _window_metrics(self, steps: int, elapsed: float) -> dict[str, float]:
+        """Throughput, MFU, the step's time by phase, memory and data counts over the last
+        `steps` steps. Per-device rates are this rank's (averaged over ranks by `_log`)."""
+        per_device = steps * self.global_batch / self.dims.world / elapsed
+        flops = per_device * self.flops_per_sample
+        out = {"samples_per_s": per_device * self.dims.world, "samples_per_s_per_device": per_device,
+               # one image per sample for both tasks; named apart for dashboards that compare by images
+               "images_per_s": per_device * self.dims.world, "images_per_s_per_device": per_device,
+               "tflops_per_device": flops / 1e12, "time/step_s": elapsed / steps,
+               "samples_seen": self.samples_seen, "epoch": self.cursor.epoch}
+        if self.peak_flops:
+            out["mfu"] = flops / self.peak_flops
+        phases = self.timer.read()
+        for phase in ("data_wait", "fwd_bwd", "optimizer"):
+            out[f"time/{phase}_s"] = phases.get(phase, 0.0) / steps
+        out["data_wait_share"] = phases.get("data_wait", 0.0) / elapsed
+        out.update(memory_metrics(self.dims.device))
+        out.update(self.bad_samples.totals(self.samples_seen))
+        return out
 
     def _log(self, metrics: dict[str, float]) -> None:
+        """Means over ranks, except values every rank holds alike (as they are) and peak memory
+        (the largest rank's)."""
         is_shared = lambda k: k in SHARED_KEYS or k.startswith("data/")  # noqa: E731
-        reduced = all_reduce_mean({k: v for k, v in metrics.items() if not is_shared(k)}, self.dims.device)
+        peaks = {k: v for k, v in metrics.items() if k.startswith("mem/")}
+        reduced = all_reduce_mean({k: v for k, v in metrics.items() if not is_shared(k) and k not in peaks},
+                                  self.dims.device)
         shared = {k: v for k, v in metrics.items() if is_shared(k)}
-        self.logger.log(self.step, {**reduced, **shared}, console_keys=CONSOLE_KEYS)
+        if peaks:
+            t = all_reduce_max(torch.tensor(list(peaks.values()), dtype=torch.float64, device=self.dims.device))
+            peaks = dict(zip(peaks, t.tolist()))
+        self.logger.log(self.step, {**reduced, **shared, **peaks}, console_keys=CONSOLE_KEYS)
 
     def state_dict(self) -> dict:
         """Everything that decides the rest of the run (collective: every rank calls it)."""

@@ -182,11 +182,25 @@ class LogConfig:
     every: int = 10
     """Log metrics every N optimizer steps."""
     wandb: Literal["online", "offline", "disabled"] = "disabled"
-    """Weights & Biases mode; W&B failing never stops training."""
+    """Weights & Biases mode (rank 0 only); W&B missing, offline or failing never stops training.
+    A resumed run continues the same W&B run (its id is in the checkpoint)."""
     wandb_project: str = "lvmtrain"
     """W&B project."""
     wandb_entity: str | None = None
     """W&B entity (team or user); null: your default."""
+    wandb_group: str | None = None
+    """W&B run group (e.g. a sweep or an ablation)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    wandb_checkpoint: Literal["none", "reference", "upload"] = "reference"
+    """The final checkpoint as a W&B artifact: a reference to its path (no copy), an upload of its
+    files, or none."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Console on rank 0: a live progress bar (step/total, loss, samples/s, ETA) or one line per
+    `log.every` steps; auto: the bar on a terminal, lines otherwise (Slurm logs)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0: from the table of known GPUs for the run's precision,
+    or measured with a matmul at start-up on CPU."""
 
 
 @dataclass

@@ -26,6 +26,13 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """The symmetric InfoNCE loss: the mean of `clip_loss_terms`."""
+    image_to_text, text_to_image = clip_loss_terms(image_features, text_features, logit_scale)
+    return (image_to_text + text_to_image) / 2
+
+
+def clip_loss_terms(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(image -> text, text -> image) cross-entropies of this rank's samples against the global batch."""
     all_images = gather_with_grad(image_features)
     all_texts = gather_with_grad(text_features)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -33,7 +40,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     labels = torch.arange(rank * n, (rank + 1) * n, device=image_features.device)
     logits_per_image = logit_scale * image_features @ all_texts.T
     logits_per_text = logit_scale * text_features @ all_images.T
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return F.cross_entropy(logits_per_image, labels), F.cross_entropy(logits_per_text, labels)
 
 
 class ContrastiveTask:
@@ -56,8 +63,11 @@ class ContrastiveTask:
                 "logit_scale": out["logit_scale"].float()}
 
     def loss(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        loss = clip_loss(features["image_features"], features["text_features"], features["logit_scale"])
-        return {"loss": loss, "logit_scale": features["logit_scale"].detach().reshape(())}
+        image_to_text, text_to_image = clip_loss_terms(features["image_features"], features["text_features"],
+                                                       features["logit_scale"])
+        return {"loss": (image_to_text + text_to_image) / 2, "loss/image_to_text": image_to_text.detach(),
+                "loss/text_to_image": text_to_image.detach(),
+                "logit_scale": features["logit_scale"].detach().reshape(())}
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         return self.loss(self.features(model, batch))

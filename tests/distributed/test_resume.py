@@ -41,8 +41,7 @@ def weights(run_dir):
 def test_resume_same_and_other_world_size(shards, tmp_path, backend, rtol):
     straight = run(shards, tmp_path / "s", "r", 2, 8, *backend)
     half = run(shards, tmp_path / "h", "r", 2, 4, *backend)
-    for world in (1, 3):
-        shutil.copytree(half, tmp_path / f"w{world}" / "r")
+    shutil.copytree(half, tmp_path / "w1" / "r")
 
     same = run(shards, tmp_path / "h", "r", 2, 8, *backend)
     ref, got = losses(straight), losses(same)
@@ -54,12 +53,13 @@ def test_resume_same_and_other_world_size(shards, tmp_path, backend, rtol):
         assert torch.allclose(a[name], b[name], rtol=rtol, atol=rtol * 1e-2), name
     assert read_ledger(same) == read_ledger(straight)  # the same samples at every step
 
-    for world in (1, 3):
-        other = run(shards, tmp_path / f"w{world}", "r", world, 8, *backend)
-        got = losses(other)
-        for step in range(5, 9):  # same global batch on another world size: the same curve, to rounding
-            assert abs(got[step] - ref[step]) <= 1e-4 * abs(ref[step]), (world, step, ref[step], got[step])
-        steps = read_ledger(other)
-        keys = [k for s in sorted(steps) for k in steps[s]]
-        assert len(keys) == len(set(keys)) == 8 * GLOBAL  # within the epoch: none repeated, none lost
-        assert {s: sorted(k) for s, k in steps.items()} == {s: sorted(k) for s, k in read_ledger(straight).items()}
+    # Resume on 1 rank. NOTE: on 3 ranks is covered by the backend chain (test_backends.py), whose
+    # FSDP2 hop runs on 3; not repeated here, for the suite's time.
+    other = run(shards, tmp_path / "w1", "r", 1, 8, *backend)
+    got = losses(other)
+    for step in range(5, 9):  # same global batch on another world size: the same curve, to rounding
+        assert abs(got[step] - ref[step]) <= 1e-4 * abs(ref[step]), (step, ref[step], got[step])
+    steps = read_ledger(other)
+    keys = [k for s in sorted(steps) for k in steps[s]]
+    assert len(keys) == len(set(keys)) == 8 * GLOBAL  # within the epoch: none repeated, none lost
+    assert {s: sorted(k) for s, k in steps.items()} == {s: sorted(k) for s, k in read_ledger(straight).items()}

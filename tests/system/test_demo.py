@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO, read_metrics, run_lvmtrain
+from tests.system.test_tracking import assert_plot
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +32,20 @@ def test_demo_clip_zero_shot(demo_data, tmp_path):
     assert final["eval/samples"] == 10000
     assert final["eval/top1"] >= 0.75
 
+    # the README's pictures of the demo run
+    run_lvmtrain(["report", str(tmp_path / "clip_debug")])
+    for stem in ("loss", "eval", "lr", "throughput", "mfu", "data_wait"):
+        assert_plot(tmp_path / "clip_debug" / "report" / f"{stem}.png")
+    assert "| clip_debug | 468 | 119,808 |" in (tmp_path / "clip_debug" / "report" / "report.md").read_text()
+
 
 def test_debug_vit_classifier(demo_data, tmp_path):
-    """Half the config's 4 epochs, to keep CI short: 85.4% measured (4 epochs: 86.9-87.3%)."""
+    """One of the config's 4 epochs, to keep CI short: 82.6% measured in 68 s (2 epochs: 85.4%;
+    4 epochs: 86.9-87.3%)."""
     meta = json.loads((demo_data / "dataset.json").read_text())
     run_lvmtrain(["train", "configs/debug/vit.yaml", f"data.train={meta['train']}", f"data.val={meta['test']}",
-                  f"log.dir={tmp_path}", "train.epochs=2"], nproc=2, timeout=1200)
+                  f"log.dir={tmp_path}", "train.epochs=1"], nproc=2, timeout=1200)
     final = [m for m in read_metrics(tmp_path / "vit_debug") if "eval/top1" in m][-1]
     print(final)
     assert final["eval/samples"] == 10000
-    assert final["eval/top1"] >= 0.83
+    assert final["eval/top1"] >= 0.80
