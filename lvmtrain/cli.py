@@ -106,9 +106,8 @@ def _train(args) -> int:
     from lvmtrain.distributed.dims import shutdown
 
     cfg = load_config(args.config, args.overrides)
-    from lvmtrain.trainer import Trainer
-
     from lvmtrain.preemption import requeue_exit_code
+    from lvmtrain.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
