@@ -72,6 +72,10 @@ def report(run_dirs: list[str], out: str | None = None) -> Path:
                 steps, values = series(records, key)
                 if steps:
                     ax.plot(steps, values, label=name, marker="o" if len(steps) < 20 else None, linewidth=1.5)
+                    if stem == "eval" and len(steps) <= 10:  # few points: their values, readable
+                        for x, y in zip(steps, values):
+                            ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6),
+                                        ha="center", fontsize="small")
                     drawn = True
                     break
         if drawn:
