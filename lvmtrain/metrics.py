@@ -42,7 +42,6 @@ class MetricLogger:
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_id = wandb_id
-        self.total_steps = total_steps
         self.logged_until = _last_logged_step(self.path) if enabled else 0
         self.progress = Progress(cfg.progress, total_steps, start_step) if enabled else None
         if enabled and cfg.wandb != "disabled":
@@ -128,7 +127,7 @@ def _start_wandb(cfg: LogConfig, run_dir: Path, name: str, config: dict, run_id:
         import wandb
     except ImportError:
         warn("log.wandb is set but wandb is not installed (pip install 'lvmtrain[wandb]'); "
-                      "logging to metrics.jsonl only")
+             "logging to metrics.jsonl only")
         return None
     # NOTE: our own id, so that an offline fallback and every later resume continue one run.
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -144,7 +143,7 @@ def _start_wandb(cfg: LogConfig, run_dir: Path, name: str, config: dict, run_id:
             wandb.teardown()  # NOTE: wandb's service still holds the failed run's id until then
             run = wandb.init(mode="offline", **kwargs)
             warn(f"W&B is unreachable ({reason}); logging W&B run {run_id} offline in {run_dir}/wandb "
-                          f"(upload it later with `wandb sync`) and to metrics.jsonl")
+                 f"(upload it later with `wandb sync`) and to metrics.jsonl")
             return run
         except Exception:  # noqa: BLE001, S110 - the warning below says it all
             pass

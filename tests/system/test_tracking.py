@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, free_port, read_metrics, run_lvmtrain
+from tests.conftest import free_port, read_metrics, run_lvmtrain
 
 STEPS = 24
 WANDB = str(Path(sys.executable).parent / "wandb")
