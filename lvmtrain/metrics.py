@@ -175,14 +175,22 @@ def _offline_history_until(wandb_dir: Path, run_id: str, exclude: Path) -> int |
     reader = Path(sys.executable).parent / "wandb"
     for f in files:
         try:
-            out = subprocess.run([str(reader), "leet", "inspect", "--json", str(f)], capture_output=True,
-                                 text=True, timeout=120, check=True).stdout
+            proc = subprocess.run([str(reader), "leet", "inspect", "--json", str(f)], capture_output=True,
+                                  text=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return None
-        steps = [json.loads(line)["history"]["item"].get("_step", 0) for line in out.splitlines()
-                 if '"type":"history"' in line]
+        # NOTE: a killed writer can leave a last record cut short: the records before it still count
+        steps = []
+        for line in proc.stdout.splitlines():
+            if '"type":"history"' in line:
+                try:
+                    steps.append(json.loads(line)["history"]["item"].get("_step", 0))
+                except (ValueError, KeyError):
+                    break
         if steps:
             return max(steps)
+        if proc.returncode != 0:
+            return None
     return 0
 
 
