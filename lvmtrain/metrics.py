@@ -80,7 +80,7 @@ class MetricLogger:
             have = _offline_history_until(run_dir / "wandb", self.wandb.id, exclude=Path(self.wandb.dir).parent)
             if have is None:
                 return  # unknown: logging again could repeat steps; leave the gap
-        for record in _read_records(self.path):
+        for record in read_records(self.path):
             if record["step"] > have:
                 self._to_wandb(record)
 
@@ -151,7 +151,8 @@ def _start_wandb(cfg: LogConfig, run_dir: Path, name: str, config: dict, run_id:
     return None
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl`; a line cut short by a kill is skipped."""
     if not path.exists():
         return []
     records = []
@@ -164,7 +165,7 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def _last_logged_step(path: Path) -> int:
-    return max((int(r["step"]) for r in _read_records(path)), default=0)
+    return max((int(r["step"]) for r in read_records(path)), default=0)
 
 
 def _offline_history_until(wandb_dir: Path, run_id: str, exclude: Path) -> int | None:

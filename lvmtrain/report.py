@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from lvmtrain.data.shards import DataError
+from lvmtrain.metrics import read_records
 
 # (file stem, title, y label, metric keys plotted; the first one present is used per run)
 PLOTS = [
@@ -24,13 +24,7 @@ def read_run(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl; pass a run directory (log.dir/run.name)")
-    records, lines = [], path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):  # only the last line may be cut short by a kill
-                raise DataError(f"{path}:{n}: not a JSON line; the file is damaged") from None
+    records = read_records(path)
     if not records:
         raise DataError(f"{path}: empty; the run has not logged a step yet")
     return records
