@@ -9,6 +9,7 @@ is unmanaged: `backward` accumulates, `step` is the boundary, as with the other 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -91,11 +92,14 @@ class DeepSpeedStrategy:
         optimizer = build_optimizer(model, optim_cfg)
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
         config = self.ds_config(micro_batch=micro_batch, accum=accum, grad_clip=optim_cfg.grad_clip)
+        if self.dtype is not None and not config.get("torch_autocast", {}).get("enabled"):
+            _autocast_inside(model, self.autocast)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """For calls outside the engine's forward (evaluation's encode_image / encode_text)."""
         # NOTE: with bf16 / fp16 the engine holds low-precision weights; autocast still keeps
         # norms and softmax in fp32 and casts the fp32 inputs, as under the other strategies.
         if self.dtype is None:
@@ -103,7 +107,9 @@ class DeepSpeedStrategy:
         return torch.autocast(self.dims.device.type, dtype=self.dtype)
 
     def micro_step(self, *, sync_grads: bool) -> contextlib.AbstractContextManager:
-        return self.autocast()  # unmanaged accumulation: `step` reduces and updates
+        # NOTE: no outer autocast: the model's forward carries its own (`_autocast_inside`), and
+        # the engine then sees none to switch off. Unmanaged accumulation: `step` reduces and updates.
+        return contextlib.nullcontext()
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -194,6 +200,30 @@ class DeepSpeedStrategy:
             # NOTE: the schedule sets the lr only at its next step; the current one is in the groups.
             group.update({k: saved[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps") if k in saved})
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _autocast_inside(model: nn.Module, autocast) -> None:
+    """Run `model.forward` under `autocast()`, inside whatever context calls it.
+
+    NOTE: DeepSpeed >= 0.17 decides about an autocast around `engine(...)` itself: 0.19 runs the
+    module under `torch.autocast(enabled=False)` when `torch.is_autocast_enabled()` (CUDA's) is on
+    and its `torch_autocast` section is not (0.17 asserts instead), so bf16 weights met fp32
+    images on every GPU. Enabling that section is no cure for us: it reduces gradients in the
+    parameters' dtype whatever `parallel.reduce_dtype` says, and under fp16 adds a second
+    GradScaler next to the engine's loss scaler. Casting the inputs to the engine's dtype instead
+    would run norms, softmax and the loss in bf16, unlike every other backend. An autocast that
+    lives in the forward itself keeps the engine's bf16 / fp16 weights and fp32 master copies,
+    matches DDP and FSDP2 op for op, and is seen by no version's check (the engine is called
+    with none around it). A user's own enabled `torch_autocast` section takes over instead.
+    """
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_under_autocast(*args, **kwargs):
+        with autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_under_autocast
 
 
 def _shape(p: nn.Parameter) -> torch.Size:
