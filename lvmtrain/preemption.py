@@ -3,8 +3,13 @@
 Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, forwarded to the ranks by
 `slurm/train.sbatch`) and sends SIGTERM on `scancel` or pre-emption; torchrun forwards the
 signals named in `--signals-to-handle`. Each rank only notes the signal: the ranks then agree on
-the step to stop at (one collective per step), every rank saves that step's checkpoint, and the
-process exits with `EXIT_REQUEUE`, which the batch script answers with `scontrol requeue`.
+the step to stop at, every rank saves that step's checkpoint, and the process exits with
+`EXIT_REQUEUE`, which the batch script answers with `scontrol requeue`.
+
+The agreement costs the loop nothing: each step starts an all-reduce of one integer on a host
+(gloo) group and reads the one it started a step earlier, long finished by then. No device sync,
+no blocking collective; every rank reads the same value at the same step, so all stop together,
+one step after the signal.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import sys
 import threading
 
 import torch
-
-from lvmtrain.distributed.dims import all_reduce_max
+import torch.distributed as dist
 
 # "Checkpoint saved on a stop signal; run me again to resume." Distinct from Python's 1 (error),
 # argparse / lvmtrain's 2 (bad input) and 128+N (killed by signal N).
@@ -25,11 +29,17 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopRequest:
-    """Notes SIGUSR1 / SIGTERM instead of dying; `agreed()` turns the note into a collective decision."""
+    """Notes SIGUSR1 / SIGTERM instead of dying; `poll()` turns the note into a collective decision.
+
+    Build it on every rank at the same point (it creates a process group when distributed)."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.received: int = 0
         self._previous: dict[int, object] = {}
+        # NOTE: a group of its own on gloo whatever the training backend: a CPU tensor (no CUDA
+        # sync to read it) and an op in flight that never meets the loop's own collectives.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._pending: tuple[torch.Tensor, object] | None = None
         # NOTE: handlers can only be installed from the main thread (a Trainer built elsewhere,
         # e.g. in a notebook thread, simply is not stoppable by signal).
         if threading.current_thread() is threading.main_thread():
@@ -42,11 +52,27 @@ class StopRequest:
                   f"saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
         self.received = self.received or signum
 
-    def agreed(self, device: torch.device) -> str | None:
-        """Collective, every step: the signal's name on every rank once any rank has received one."""
-        received = all_reduce_max(torch.tensor([self.received], dtype=torch.int32, device=device))
-        signum = int(received.item())
-        return signal.Signals(signum).name if signum else None
+    def poll(self) -> str | None:
+        """Collective, once per step on every rank: the name of a signal that some rank had noted
+        by the previous call (so the same answer at the same step everywhere), else None."""
+        if self._group is None:
+            return signal.Signals(self.received).name if self.received else None
+        agreed = self._wait()
+        note = torch.tensor([self.received], dtype=torch.int32)
+        self._pending = note, dist.all_reduce(note, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return signal.Signals(agreed).name if agreed else None
+
+    def _wait(self) -> int:
+        if self._pending is None:
+            return 0
+        note, work = self._pending
+        work.wait()
+        self._pending = None
+        return int(note.item())
+
+    def close(self) -> None:
+        """Wait for the agreement in flight (every rank started it), before the group goes."""
+        self._wait()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -35,6 +35,13 @@ CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "mfu", "eval/top1")
 SHARED_KEYS = ("lr", "samples_seen", "epoch")
 
 
+def host_values(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars on the host, in one device-to-host copy."""
+    tensors = [torch.as_tensor(v).detach().float().reshape(()) for v in values.values()]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    return dict(zip(values, torch.stack([t.to(device) for t in tensors]).tolist())) if tensors else {}
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -137,6 +144,7 @@ class Trainer:
         try:
             self._loop(stop)
         finally:
+            stop.close()
             # NOTE: once stopped, the handlers stay (see `requeue_exit_code`): a rank waiting
             # at the barrier below for rank 0 must not die of srun's SIGTERM.
             if not self.stopped_by:
@@ -155,7 +163,7 @@ class Trainer:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
             self.timer.add("data_wait", time.perf_counter() - t0)
-            metrics = self.train_step(micro)
+            step_metrics = self.train_step(micro)
             self.step += 1
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1]["cursor"])
@@ -166,12 +174,14 @@ class Trainer:
             window_steps += 1
             self.logger.advance(self.step)
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                metrics = host_values(step_metrics)  # NOTE: the loop's only read of device values
+                metrics["lr"] = self.strategy.lr
                 metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
                 self._log(metrics)
                 window_start, window_steps = time.perf_counter(), 0
             self._maybe_evaluate()
             self.checkpoints.check()
-            self.stopped_by = stop.agreed(self.dims.device) if self.step < self.total_steps else None
+            self.stopped_by = stop.poll() if self.step < self.total_steps else None
             if self.stopped_by or self.checkpoints.should_save(self.step, self.total_steps):
                 self.checkpoints.save(self.step, self.state_dict())
             if self.stopped_by:
@@ -179,7 +189,9 @@ class Trainer:
                        f"saved {self.checkpoints.dir}/step_{self.step:08d}", enabled=self.dims.is_main)
                 return
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step; its metrics stay on the device (reading them would wait for the
+        step to finish: the loop reads them at log steps only)."""
         n = len(micro_batches)
         if n > 1 and self.task.batch_coupled:
             with self.timer("fwd_bwd"):
@@ -192,12 +204,12 @@ class Trainer:
                     out = self.task(self.strategy.model, batch)
                     self.strategy.backward(out["loss"] / n)
                 for k, v in out.items():
-                    totals[k] = totals.get(k, 0.0) + v.item() / n
+                    totals[k] = totals.get(k, 0.0) + v.detach() / n
         with self.timer("optimizer"):
             grad_norm = self.strategy.step()
-        return {**totals, "grad_norm": grad_norm.item(), "lr": self.strategy.lr}
+        return {**totals, "grad_norm": grad_norm}
 
-    def _coupled_step(self, batches: list[dict]) -> dict[str, float]:
+    def _coupled_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
         """Accumulation for a loss that couples a batch's samples (CLIP): the loss of the whole
         accumulated batch, as if it were one micro-batch, at the cost of one extra forward.
 
@@ -228,7 +240,7 @@ class Trainer:
                     surrogate = surrogate + (f["logit_scale"] * feats["logit_scale"].grad).sum()
                 self.strategy.backward(surrogate)
         set_rng_state(after)
-        return {k: v.item() for k, v in out.items()}
+        return {k: v.detach() for k, v in out.items()}
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.eval.every

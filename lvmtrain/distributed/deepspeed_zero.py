@@ -89,7 +89,9 @@ class DeepSpeedStrategy:
         ensure_process_group(self.dims)
         compile_model(model, self.cfg.compile)
         self.group_names = param_group_names(model, optim_cfg.weight_decay)
-        optimizer = build_optimizer(model, optim_cfg)
+        # NOTE: fused on the GPU: ZeRO hands the client optimizer its flat fp32 partitions.
+        optimizer = build_optimizer(model, optim_cfg, fused=self.dims.device.type == "cuda"
+                                    and not self.cfg.offload_optimizer)
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
         config = self.ds_config(micro_batch=micro_batch, accum=accum, grad_clip=optim_cfg.grad_clip)
         if self.dtype is not None and not config.get("torch_autocast", {}).get("enabled"):
@@ -116,8 +118,8 @@ class DeepSpeedStrategy:
 
     def step(self) -> Tensor:
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+        norm = self.engine.get_global_grad_norm()  # a tensor on the device, or a float (or None) by stage
+        return torch.as_tensor(float("nan") if norm is None else norm)
 
     @property
     def lr(self) -> float:
@@ -187,7 +189,9 @@ class DeepSpeedStrategy:
             # it now to receive the saved moments.
             if not base.state[flat]:
                 base.state[flat] = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-            base.state[flat]["step"] = torch.tensor(float(steps[0]) if steps else 0.0)
+            # NOTE: the fused kernel wants its step counts beside the parameters; foreach on the host.
+            base.state[flat]["step"] = torch.tensor(float(steps[0]) if steps else 0.0,
+                                                    device=flat.device if base.defaults.get("fused") else "cpu")
         self._link_moments()
         for name, p in self._params():
             value = state["model"][name].to(self.dims.device, torch.float32).reshape(_shape(p))

@@ -127,6 +127,11 @@ class TorchStrategy:
         self.scaler = torch.amp.GradScaler(dims.device.type, enabled=precision == "fp16")
         self.grad_clip = 0.0
 
+    @property
+    def fused_optimizer(self) -> bool:
+        """AdamW's fused kernel where the parameters live on the GPU (not with CPU offload)."""
+        return self.dims.device.type == "cuda" and not (self.cfg.offload_optimizer or self.cfg.offload_params)
+
     def init_context(self) -> AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -139,7 +144,7 @@ class TorchStrategy:
         compile_model(model, self.cfg.compile)
         self.plain = model
         self.model = self.wrap(model)
-        self.optimizer = build_optimizer(self.plain, optim_cfg)
+        self.optimizer = build_optimizer(self.plain, optim_cfg, fused=self.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
         self.grad_clip = optim_cfg.grad_clip
 
