@@ -1,4 +1,4 @@
-"""Pre-emption and time limits: a signal asks the run to save at the end of the current step and stop.
+"""Pre-emption and time limits: a signal asks the run to save a checkpoint within a step and stop.
 
 Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, forwarded to the ranks by
 `slurm/train.sbatch`) and sends SIGTERM on `scancel` or pre-emption; torchrun forwards the
