@@ -87,6 +87,8 @@ class DeepSpeedStrategy:
     def setup(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int, *, micro_batch: int,
               accum: int) -> None:
         ensure_process_group(self.dims)
+        if self.cfg.meta_init:
+            _init_gathered(model)
         compile_model(model, self.cfg.compile)
         self.group_names = param_group_names(model, optim_cfg.weight_decay)
         # NOTE: fused on the GPU: ZeRO hands the client optimizer its flat fp32 partitions.
@@ -204,6 +206,21 @@ class DeepSpeedStrategy:
             # NOTE: the schedule sets the lr only at its next step; the current one is in the groups.
             group.update({k: saved[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps") if k in saved})
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _init_gathered(model: nn.Module) -> None:
+    """Run the model's own `init_weights` on its whole parameters, once, after zero.Init.
+
+    NOTE: zero.Init partitions each submodule's parameters as soon as that submodule is built, so
+    the model's initialisation (run at the end of its constructor) finds its blocks' weights
+    already empty and initialises nothing: the blocks kept nn.Linear's defaults instead of the
+    preset's. Gathering costs the whole model's weights once, in their low-precision dtype, at
+    start-up; the fp32 master weights and optimizer state are never whole on a rank.
+    """
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        if torch.distributed.get_rank() == 0:
+            model.init_weights()
 
 
 def _autocast_inside(model: nn.Module, autocast) -> None:

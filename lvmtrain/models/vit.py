@@ -36,6 +36,16 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Conv2d's own initialisation (the same draws), with the fan-in from the layer's sizes:
+        `Conv2d.reset_parameters` reads it from the weight's shape, which a parameter partitioned
+        by DeepSpeed's zero.Init no longer has."""
+        bound = (self.proj.in_channels * self.patch_size**2) ** -0.5
+        nn.init.uniform_(self.proj.weight, -bound, bound)
+        if self.proj.bias is not None:
+            nn.init.uniform_(self.proj.bias, -bound, bound)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
@@ -128,7 +138,7 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter; valid after `to_empty()` on a meta-device model."""
-        self.patch_embed.proj.reset_parameters()
+        self.patch_embed.reset_parameters()
         for norm in (self.norm_pre, self.norm, self.fc_norm):
             if isinstance(norm, nn.LayerNorm):
                 norm.reset_parameters()

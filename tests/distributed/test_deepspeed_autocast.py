@@ -69,11 +69,37 @@ def two_steps(backend: str, parallel: dict, *, cuda_autocast: bool) -> dict:
     return {"losses": losses, "linear_dtype": seen[0]}
 
 
+def meta_init_blocks() -> dict:
+    """The debug ViT built under ZeRO-3's zero.Init (parallel.meta_init): how its blocks' Linear
+    layers came out, gathered whole."""
+    import deepspeed
+
+    from lvmtrain.config.schema import OptimConfig, ParallelConfig
+    from lvmtrain.distributed.dims import Dims
+    from lvmtrain.distributed.strategy import build_strategy
+    from lvmtrain.models.registry import build_model
+
+    dims = Dims(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    strategy = build_strategy(ParallelConfig(backend="deepspeed", zero_stage=3, meta_init=True), dims, "fp32")
+    with strategy.init_context():
+        model = build_model("vit_debug")
+    strategy.setup(model, OptimConfig(lr=1e-3, warmup_steps=0), 2, micro_batch=8, accum=1)
+    linears = [m for m in strategy.unwrapped().blocks.modules() if isinstance(m, torch.nn.Linear)]
+    params = [p for m in linears for p in m.parameters()]
+    with deepspeed.zero.GatheredParameters(params):
+        weights = torch.cat([m.weight.flatten() for m in linears])
+        biases = torch.cat([m.bias.flatten() for m in linears])
+        return {"weight_std": weights.std().item(), "bias_max": biases.abs().max().item()}
+
+
 def main(names: list[str]) -> None:
     from lvmtrain.distributed.dims import Dims
     from lvmtrain.distributed.strategy import ensure_process_group
 
     ensure_process_group(Dims(0, 1, 0, 1, torch.device("cpu")))
+    if names == ["vit-meta"]:
+        print(json.dumps(meta_init_blocks()))
+        return
     out = {"ddp": two_steps("ddp", {}, cuda_autocast=False)}
     for name in names:
         out[name] = two_steps("deepspeed", CASES[name], cuda_autocast=True)
@@ -97,6 +123,18 @@ def test_zero_bf16_forward_keeps_autocast_when_cuda_autocast_is_on():
             for a, b in zip(got["losses"], ddp["losses"]):
                 assert abs(a - b) <= 2e-2 * abs(b), (name, got["losses"], ddp["losses"])
         assert all(torch.isfinite(torch.tensor(got["losses"]))), name
+
+
+def test_zero3_meta_init_initialises_like_the_preset():
+    """ViT under ZeRO-3 with parallel.meta_init: it builds (the patch embedding's init needs no
+    weight shape), and its blocks get the preset's timm init (normal, std 0.02; zero biases), not
+    nn.Linear's defaults left by zero.Init's early partitioning."""
+    proc = subprocess.run([sys.executable, __file__, "vit-meta"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["bias_max"] == 0.0, got
+    assert 0.018 < got["weight_std"] < 0.022, got  # nn.Linear's defaults here: ~0.04
 
 
 if __name__ == "__main__":
