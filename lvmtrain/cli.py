@@ -95,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return VERBS[args.verb](args)
+        code = VERBS[args.verb](args)
+        sys.stdout.flush()  # NOTE: here, so that a closed pipe surfaces below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`lvmtrain ckpt inspect RUN | head`): nothing went wrong. Python
+        # would complain again flushing stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"lvmtrain: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -30,7 +31,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not file.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.load(file.read_text(), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):
@@ -40,7 +41,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': write it as section.key=value (e.g. optim.lr=3e-4)")
-        value = _Override(yaml.safe_load(raw) if raw.strip() else "", raw)
+        try:
+            value = _Override(yaml.safe_load(raw) if raw.strip() else "", raw)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"command line: '{key.strip()}': the value {raw!r} is not valid YAML ({problem}); "
+                              f"quote it, or write lists as [a, b]") from None
         *sections, name = key.strip().split(".")
         nested: dict[str, Any] = {name: value}
         for section in reversed(sections):
@@ -84,6 +90,21 @@ def _merge(obj: Any, data: dict, *, source: str, prefix: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last, so a second `optim:` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key '{key}' (lines {seen[key] + 1} and "
+                                     f"{key_node.start_mark.line + 1}); merge the two")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclasses.dataclass
 class _Override:
     """A command-line value: as YAML reads it, and as typed."""
@@ -125,14 +146,19 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # NOTE: YAML 1.1 reads "3e-4" (no dot) as a string; accept what is plainly a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no field of the schema means anything by inf or nan
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -260,8 +260,13 @@ class Config:
         family = model_family(self.model.name)
         if not self.data.train:
             raise ConfigError("data.train: no training shards given (e.g. data.train=/data/{000..009}.tar)")
-        if self.train.steps <= 0 and self.train.epochs <= 0:
+        if self.train.steps < 0 or self.train.epochs < 0:
+            raise ConfigError("train.steps / train.epochs: must be >= 0 (set one of them to a positive value)")
+        if self.train.steps == 0 and self.train.epochs == 0:
             raise ConfigError("train.steps / train.epochs: set one of them to a positive value")
+        for key in ("image_size", "patch_size", "num_classes", "context_length"):
+            if getattr(self.model, key) is not None and getattr(self.model, key) <= 0:
+                raise ConfigError(f"model.{key}: must be > 0 (or null for the preset's)")
         _positive(self, "data.batch_size", "train.grad_accum_steps", "log.every", "eval.batch_size",
                   "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
         if self.checkpoint.every_minutes < 0 or self.checkpoint.keep_every < 0 or self.checkpoint.every < 0:

@@ -1,5 +1,6 @@
 """Config loading: defaults < YAML < overrides, strict keys and types, errors that name the key."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,34 @@ def test_deepspeed_fp16_on_cpu_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="fp16.*bf16 or fp32"):
         dims = SimpleNamespace(device=torch.device("cpu"), rank=0, local_rank=0, world=1)
         build_strategy(ParallelConfig(backend="deepspeed"), dims, "fp16")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.betas=[0.9,", "'optim.betas': the value '[0.9,' is not valid YAML"),
+    ("optim.lr=.inf", "'optim.lr' must be a finite number"),
+    ("optim.lr=nan", "'optim.lr' must be a finite number"),
+    ("train.steps=-5", "train.steps / train.epochs: must be >= 0"),
+    ("model.patch_size=0", "model.patch_size: must be > 0"),
+    ("model.context_length=0", "model.context_length: must be > 0"),
+])
+def test_values_that_cannot_train_are_refused_naming_the_key(tmp_path, override, message):
+    """Issue: run safety. Each of these was accepted, or failed later with a traceback."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, BASE), [override])
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  train: /x/a.tar\ntrain:\n  steps: 3\noptim:\n  lr: 1.0e-3\noptim:\n  warmup_steps: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: duplicate key 'optim' \(lines 5 and 7\)"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("verb", [["models"], ["config", "show", "configs/debug/clip.yaml"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(verb):
+    """`lvmtrain ... | head`: the pipe is closed before the command writes; no BrokenPipeError."""
+    proc = subprocess.Popen([sys.executable, "-m", "lvmtrain", *verb], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Error" not in err and b"Traceback" not in err, err.decode()[-2000:]
