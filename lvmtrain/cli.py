@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", help="output directory")
     demo.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
     check = data_verbs.add_parser("check", help="pre-flight: find missing / corrupt shards, count samples, "
-                                  "decode a few per shard; exit 1 on any bad shard")
+                                  "decode a few per shard; exit 1 on any bad shard or bad decoded sample")
     check.add_argument("spec", help="shard spec, e.g. '/data/{00000..00099}.tar' (quote the braces)")
     check.add_argument("--world", type=int, default=1, help="ranks the run will use")
     check.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
@@ -146,7 +146,9 @@ def _data_check(args) -> int:
     report = check_shards(args.spec, world=args.world, workers=args.workers, batch_size=args.batch_size,
                           decode_per_shard=args.decode)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-    return 1 if report.problems else 0
+    # NOTE: bad decoded samples fail the check too: training skips them, but a source where some
+    # do not decode is rarely what its owner meant (a wrong image key makes every one bad).
+    return 1 if report.problems or report.bad else 0
 
 
 def _data_build(args) -> int:

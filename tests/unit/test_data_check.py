@@ -127,6 +127,9 @@ def test_corrupt_members_give_a_bad_rate(good, tmp_path):
     assert row.first_bad.startswith(f"{samples[1].key}: .png does not decode")
     assert row.with_caption == 4 and row.with_label == 4
     assert any("2 of 4 decoded samples are bad" in w for w in report.warnings)
+    # the CLI does not call that OK (issue: run safety)
+    proc = run_lvmtrain(["data", "check", str(shard), "--decode", "4"], check=False)
+    assert proc.returncode == 1 and "2 of 4 decoded samples are bad" in proc.stdout, proc.stdout + proc.stderr
 
 
 
