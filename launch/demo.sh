@@ -14,6 +14,6 @@ NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=1
 start=$(date +%s)
 "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" -m lvmtrain train configs/debug/clip.yaml \
-  "data.train=$(meta train)" "data.val=$(meta test)" "eval.class_names=$classes" run.overwrite=true \
+  "data.train=$(meta train)" "data.val=$(meta test)" "eval.class_names=$classes" run.name=clip_debug run.overwrite=true \
   "${extra[@]}" "$@"
 echo "demo: $(( $(date +%s) - start )) s for training and evaluation on $NPROC CPU processes"

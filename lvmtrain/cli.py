@@ -8,7 +8,7 @@ import os
 import sys
 
 from lvmtrain.checkpoint import CheckpointError
-from lvmtrain.config.schema import ConfigError
+from lvmtrain.config.schema import ConfigError, DataConfig
 from lvmtrain.data.shards import DataError
 
 
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     check.add_argument("--batch-size", type=int, default=None, help="samples per rank per step")
     check.add_argument("--decode", type=int, default=4, metavar="K", help="samples decoded per shard")
+    check.add_argument("--io-timeout-s", type=float, default=DataConfig.io_timeout_s, metavar="S",
+                       help="remote shards: seconds one read may take before it is retried (data.io_timeout_s)")
+    check.add_argument("--io-retries", type=int, default=DataConfig.io_retries, metavar="N",
+                       help="remote shards: further attempts of a failed read (data.io_retries)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     build = data_verbs.add_parser("build", help="build img2dataset-layout shards + index sidecars from a "
                                   "class folder, a CSV / parquet of local images, or other shards (reshard)")
@@ -50,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = verbs.add_parser("ckpt", help="inspect a checkpoint, or export its weights")
     ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True)
     inspect = ckpt_verbs.add_parser("inspect", help="manifest and tensor summary of a checkpoint")
-    inspect.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
     export = ckpt_verbs.add_parser("export", help="one safetensors file of the model weights, in our, "
                                    "open_clip's or timm's names")
-    export.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    for verb in (inspect, export):
+        verb.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
+        verb.add_argument("--allow-older", action="store_true", help="for a run directory whose newest "
+                          "checkpoints fail verification: use the newest that verifies (named on stderr) "
+                          "instead of exiting 2")
     export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors")
-    export.add_argument("--out", help="output file (default: CKPT/model.FORMAT.safetensors)")
+    export.add_argument("--out", help="output file (default: RUN/exports/step_XXXXXXXX-FORMAT.safetensors, "
+                        "outside checkpoints/, whose retention would delete it)")
 
     submit = verbs.add_parser("submit", help="submit a training job to Slurm (slurm/train.sbatch); prints the job id")
     submit.add_argument("config", help="YAML config file")
@@ -113,12 +121,21 @@ def _train(args) -> int:
     from lvmtrain.distributed.dims import shutdown
 
     cfg = load_config(args.config, args.overrides)
-    from lvmtrain.preemption import requeue_exit_code
-    from lvmtrain.trainer import Trainer
+    from lvmtrain.preemption import requeue_exit_code, restart_count
+    from lvmtrain.rundir import RunFinished, die_with_launcher
+    from lvmtrain.trainer import Trainer, TrainingDiverged
 
+    die_with_launcher()
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
+    except RunFinished as e:
+        # NOTE: a restart of a launch whose run finished (a crash after the last save) is done
+        print(f"lvmtrain: {'' if restart_count() else 'error: '}{e}", file=sys.stderr)
+        return 0 if restart_count() else 2
+    except TrainingDiverged as e:
+        print(f"lvmtrain: error: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown()
     if trainer.stopped_by:  # the batch script requeues on this code; the new job resumes the checkpoint
@@ -142,9 +159,10 @@ def _data_demo(args) -> int:
 
 def _data_check(args) -> int:
     from lvmtrain.data.check import check_shards
+    from lvmtrain.data.shards import RemoteIO
 
     report = check_shards(args.spec, world=args.world, workers=args.workers, batch_size=args.batch_size,
-                          decode_per_shard=args.decode)
+                          decode_per_shard=args.decode, io=RemoteIO(args.io_timeout_s, args.io_retries))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     # NOTE: bad decoded samples fail the check too: training skips them, but a source where some
     # do not decode is rarely what its owner meant (a wrong image key makes every one bad).
@@ -170,10 +188,13 @@ DATA_VERBS = {"demo": _data_demo, "check": _data_check, "build": _data_build}
 def _ckpt(args) -> int:
     from lvmtrain import export
 
+    def warn(line: str) -> None:
+        print(f"lvmtrain: warning: {line}", file=sys.stderr, flush=True)
+
     if args.ckpt_verb == "inspect":
-        print(export.inspect(args.path))
+        print(export.inspect(args.path, allow_older=args.allow_older, warn=warn))
     else:
-        print(export.export(args.path, args.format, args.out))
+        print(export.export(args.path, args.format, args.out, allow_older=args.allow_older, warn=warn))
     return 0
 
 

@@ -17,16 +17,58 @@ import torch.distributed.checkpoint as dcp
 
 from lvmtrain.checkpoint import MANIFEST, STATE, WEIGHTS, CheckpointError, newest_verified, verify
 
-def resolve(path: str) -> tuple[Path, dict]:
-    """(checkpoint, manifest), verified: `path` itself, or a run directory's newest checkpoint
-    that verifies."""
+
+def resolve(path: str, *, allow_older: bool = False, warn=None) -> tuple[Path, dict]:
+    """(checkpoint, manifest), verified: `path` itself, or a run directory's newest checkpoint.
+
+    When newer checkpoints of the run fail verification, that is refused (CheckpointError naming
+    each and why): an older step than the user expects must not pass quietly. With `allow_older`,
+    the newest that verifies is used and `warn` (a function of one line) is told each skipped one
+    and the one used."""
     p = Path(path)
     if (p / STATE).exists() or (p / MANIFEST).exists():
         return p, verify(p)
-    found = newest_verified(p / "checkpoints")
+    skipped: list[tuple[Path, CheckpointError]] = []
+    found = newest_verified(p / "checkpoints", on_skip=lambda ckpt, e: skipped.append((ckpt, e)))
+    why = "; ".join(f"{ckpt.name} fails verification: {e}" for ckpt, e in skipped)
     if found is None:
-        raise CheckpointError(f"{path}: neither a checkpoint (no {STATE}) nor a run with a complete checkpoint")
+        raise CheckpointError(f"{path}: neither a checkpoint (no {STATE}) nor a run with a complete "
+                              f"checkpoint" + (f" ({why})" if why else ""))
+    if skipped and not allow_older:
+        raise CheckpointError(f"{path}: {why}; the newest checkpoint that verifies is the older "
+                              f"{found[0].name}: pass --allow-older to use it, or name a checkpoint directory")
+    if skipped and warn:
+        for ckpt, e in skipped:
+            warn(f"skipping checkpoint {ckpt.name}: it fails verification: {e}")
+        warn(f"using {found[0]}, older than {skipped[0][0].name} (--allow-older)")
     return found
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory of `RUN/checkpoints/step_X`; for a checkpoint elsewhere, its parent."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def default_export_path(ckpt: Path, fmt: str) -> Path:
+    """RUN/exports/step_X-FORMAT.safetensors: outside `checkpoints/`, whose retention deletes old
+    step directories with anything put in them."""
+    return run_dir_of(ckpt) / "exports" / f"{ckpt.name}-{fmt}.safetensors"
+
+
+def check_export_path(target: Path, warn=None) -> None:
+    """Refuse an output inside a checkpoint directory of a run (`checkpoints/step_X/`, which
+    retention deletes); warn about one elsewhere under `checkpoints/`."""
+    target = Path(target).absolute()
+    for parent in target.parents:
+        if parent.parent.name == "checkpoints" and parent.name.startswith("step_"):
+            raise CheckpointError(
+                f"--out {target}: inside checkpoint directory {parent}, which checkpoint.keep's retention "
+                f"deletes (with the export) once newer checkpoints exist, and whose own files the manifest "
+                f"lists; write it elsewhere, e.g. {default_export_path(parent, 'FORMAT')} (the default)")
+        if parent.name == "checkpoints" and warn:
+            warn(f"--out {target}: under {parent}, which holds the run's checkpoints; an export is safer "
+                 f"outside it (e.g. {parent.parent / 'exports'})")
+            return
 
 
 def weight_shapes(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -53,8 +95,8 @@ def load_weights(ckpt: Path) -> tuple[dict, dict, dict]:
     return manifest, dict(iter_weights(ckpt)), state.get("config", {})
 
 
-def inspect(path: str) -> str:
-    ckpt, manifest = resolve(path)
+def inspect(path: str, *, allow_older: bool = False, warn=None) -> str:
+    ckpt, manifest = resolve(path, allow_older=allow_older, warn=warn)
     config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
     shapes = weight_shapes(ckpt)
     total = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
@@ -71,13 +113,16 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
-def export(path: str, fmt: str, out: str | None = None) -> Path:
+def export(path: str, fmt: str, out: str | None = None, *, allow_older: bool = False, warn=None) -> Path:
     """Write the model weights of a checkpoint (or a run's newest) as one safetensors file:
-    our names (`safetensors`), open_clip's (`open_clip`, CLIP models) or timm's (`timm`, ViTs)."""
+    our names (`safetensors`), open_clip's (`open_clip`, CLIP models) or timm's (`timm`, ViTs);
+    by default to RUN/exports/step_X-FORMAT.safetensors."""
     from lvmtrain.models.convert import lvm_to_open_clip, lvm_to_timm
     from lvmtrain.models.registry import model_family
 
-    ckpt, _ = resolve(path)
+    ckpt, _ = resolve(path, allow_older=allow_older, warn=warn)
+    target = Path(out) if out else default_export_path(ckpt, fmt)
+    check_export_path(target, warn)
     config = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config", {})
     family = model_family(config["model"]["name"]) if config.get("model") else None
     rename = {"safetensors": None, "open_clip": lvm_to_open_clip, "timm": lvm_to_timm}[fmt]
@@ -86,7 +131,7 @@ def export(path: str, fmt: str, out: str | None = None) -> Path:
     if fmt == "timm" and family != "vit":
         raise CheckpointError(f"{ckpt}: --format timm needs a ViT model, this is {family} "
                               "(open_clip's format holds CLIP's towers)")
-    target = Path(out) if out else ckpt / f"model.{fmt}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(ckpt, rename, target,
                       metadata={"format": "pt", "lvmtrain_checkpoint": str(ckpt), "names": fmt})
     return target

@@ -6,6 +6,7 @@ data-parallel engine is behind the `Strategy`.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -13,26 +14,33 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from lvmtrain.checkpoint import CheckpointManager, rng_state, set_rng_state
-from lvmtrain.config.loader import config_hash, config_to_dict, save_config
+from lvmtrain.checkpoint import MANIFEST, STATE, CheckpointManager, rng_state, set_rng_state
+from lvmtrain.config.loader import config_hash, config_to_dict
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
-from lvmtrain.data.shards import Cursor, ShardSet, epoch_size
+from lvmtrain.data.shards import Cursor, RemoteIO, ShardSet, epoch_size
 from lvmtrain.data.transforms import ImageNormalizer
-from lvmtrain.distributed.dims import all_reduce_max, all_reduce_mean, barrier, init_distributed, set_deterministic
+from lvmtrain.distributed.dims import (all_reduce_max, all_reduce_mean, barrier, from_rank0, init_distributed,
+                                      set_deterministic)
 from lvmtrain.distributed.strategy import build_strategy
-from lvmtrain.evaluate import top1, zero_shot_weights
+from lvmtrain.evaluate import check_labels_cover, top1, zero_shot_weights
 from lvmtrain.metrics import MetricLogger, StepTimer, device_peak_flops, memory_metrics, print0
 from lvmtrain.models.registry import build_model, model_family
 from lvmtrain.preemption import StopRequest, restart_count
+from lvmtrain.rundir import LOCK, RunBusy, RunLock, check_resume, clear_run_dir, record_segment
 from lvmtrain.tasks import build_task
 
 CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "mfu", "eval/top1")
 # Values every rank holds identically (data/* counts are already summed over ranks): logged as
 # they are, not averaged over ranks.
 SHARED_KEYS = ("lr", "samples_seen", "epoch")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or inf; the message names the step."""
 
 
 def host_values(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -46,8 +54,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         # Input problems surface before the process group or the run directory exist.
-        train_shards = ShardSet.from_spec(cfg.data.train)
-        val_shards = ShardSet.from_spec(cfg.data.val) if cfg.data.val else None
+        io = RemoteIO.from_config(cfg.data)
+        train_shards = ShardSet.from_spec(cfg.data.train, io)
+        val_shards = ShardSet.from_spec(cfg.data.val, io) if cfg.data.val else None
         self.dims = dims = init_distributed(cfg.parallel, cfg.train.threads)
         # NOTE: before the run directory: a backend that cannot work here says so first.
         self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
@@ -62,8 +71,22 @@ class Trainer:
         self.run_dir = Path(cfg.log.dir) / cfg.run.name
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, dims, info={
             "backend": cfg.parallel.backend, "config_sha256": config_hash(cfg)})
-        self._prepare_run_dir()
+        created = not self.run_dir.exists()
+        self._lock = self._own_run_dir()
+        try:
+            self._build(train_shards, val_shards, steps_per_epoch)
+        except BaseException:
+            # NOTE: a run that never started leaves nothing behind (only our lock was written)
+            if created and dims.is_main and [p.name for p in self.run_dir.iterdir()] == [LOCK]:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
+    def _build(self, train_shards: ShardSet, val_shards: ShardSet | None, steps_per_epoch: int) -> None:
+        """Every check first (the resume's config, the model, the data); then the run directory
+        is written (or, with run.overwrite, emptied) and the checkpoint loaded."""
+        cfg, dims = self.cfg, self.dims
+        fresh = cfg.run.overwrite and restart_count() == 0  # NOTE: a restart resumes its own run
+        resume = None if fresh else self._find_resume()
         if cfg.train.deterministic:
             set_deterministic()
         torch.manual_seed(cfg.train.seed)
@@ -80,23 +103,6 @@ class Trainer:
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.strategy.setup(model, cfg.optim, self.total_steps, micro_batch=cfg.data.batch_size,
                             accum=cfg.train.grad_accum_steps)
-
-        self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
-        self.last_eval: dict[str, float] = {}
-        self.stopped_by: str | None = None  # the signal that stopped the run early, once saved
-        self.bad_samples = BadSampleCounter(cfg.data.max_bad_fraction, train_shards.problems, dims.device)
-        for _, _, message in train_shards.problems if dims.is_main else ():
-            print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
-        resume = self.checkpoints.find_resume()
-        if resume is not None:
-            state = self.checkpoints.load(resume, self.strategy.load_template())
-            self.strategy.load_state_dict(state["strategy"])
-            self.bad_samples.load_state_dict(state["bad_samples"], rank=dims.rank)
-            self.step, self.samples_seen = state["step"], state["samples_seen"]
-            self.cursor, wandb_id = Cursor.from_state(state["cursor"]), state.get("wandb_id")
-            print0(f"resumed from {resume} at step {self.step}", enabled=dims.is_main)
-        self.ledger = SampleLedger(self.run_dir, dims.rank, self.step, dims.device) if cfg.data.ledger else None
-
         self.tokenizer = None
         if self.family == "clip":
             from lvmtrain.data.tokenizer import CLIPTokenizer
@@ -106,6 +112,30 @@ class Trainer:
         self.normalize = ImageNormalizer(cfg.data.mean, cfg.data.std)
         print0(preflight(train_shards, cfg.data, image_size=self.image_size, tokenizer=self.tokenizer),
                enabled=dims.is_main)
+        if val_shards is not None:  # every rank: all of them stop together
+            n_classes, key = ((len(cfg.eval.class_names), "eval.class_names") if self.family == "clip"
+                              else (model.num_classes, "model.num_classes"))
+            print0(check_labels_cover(val_shards, n_classes, key, label_key=cfg.data.label_key),
+                   enabled=dims.is_main)
+
+        self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
+        self._prepare_run_dir(fresh=fresh, step=resume[1] if resume else 0)
+        self.last_eval: dict[str, float] = {}
+        self.stopped_by: str | None = None  # the signal that stopped the run early, once saved
+        # The first step whose loss or gradient norm was not finite (0: none), kept on the device.
+        self.first_nonfinite = torch.zeros((), dtype=torch.int64, device=dims.device)
+        self.bad_samples = BadSampleCounter(cfg.data.max_bad_fraction, train_shards.problems, dims.device)
+        for _, _, message in train_shards.problems if dims.is_main else ():
+            print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
+        if resume is not None:
+            state = self.checkpoints.load(resume[0], self.strategy.load_template())
+            self.strategy.load_state_dict(state["strategy"])
+            self.bad_samples.load_state_dict(state["bad_samples"], rank=dims.rank)
+            self.step, self.samples_seen = state["step"], state["samples_seen"]
+            self.cursor, wandb_id = Cursor.from_state(state["cursor"]), state.get("wandb_id")
+            print0(f"resumed from {resume[0]} at step {self.step}", enabled=dims.is_main)
+        self.ledger = SampleLedger(self.run_dir, dims.rank, self.step, dims.device) if cfg.data.ledger else None
+
         self.train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=self.image_size,
                                                tokenizer=self.tokenizer, accum=cfg.train.grad_accum_steps,
                                                seed=cfg.train.seed, start=self.cursor)
@@ -122,19 +152,42 @@ class Trainer:
                f"GFLOP per sample, device peak {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
                enabled=dims.is_main)
 
-    def _prepare_run_dir(self) -> None:
-        """Create `log.dir/run.name/` and write the resolved config; refuse to clobber a run."""
+    def _own_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory for the life of the job; a second job is refused on
+        every rank at once, naming the holder."""
+        lock = RunLock(self.run_dir)
+        from_rank0(lock.acquire, RunBusy)
+        return lock if self.dims.is_main else None
+
+    def _find_resume(self) -> tuple[Path, int] | None:
+        """(checkpoint, its step) to resume, after rank 0 has checked that its config is this
+        run's (schema.RESUMABLE); the refusal reaches every rank."""
         cfg = self.cfg
-        if cfg.checkpoint.resume == "none" and not cfg.run.overwrite and self.checkpoints.dir.is_dir() \
-                and any(self.checkpoints.dir.glob("step_*")):
+        if cfg.checkpoint.resume == "none" and self.checkpoints.dir.is_dir() and any(self.checkpoints.dir.glob("step_*")):
             raise ConfigError(f"{self.run_dir} already holds checkpoints; resume it "
                               f"(checkpoint.resume=auto), pick another run.name, or set run.overwrite=true")
+        path = self.checkpoints.find_resume()
+        if path is None:
+            return None
+
+        def check() -> tuple[Path, int]:
+            manifest = json.loads((path / MANIFEST).read_text())
+            saved = torch.load(path / STATE, map_location="cpu", weights_only=True)["config"]
+            check_resume(cfg, path, saved, manifest["world_size"], world=self.dims.world,
+                         global_batch=self.global_batch, total_steps=self.total_steps, step=manifest["step"])
+            return path, manifest["step"]
+
+        return from_rank0(check, ConfigError)
+
+    def _prepare_run_dir(self, *, fresh: bool, step: int) -> None:
+        """Rank 0, once every check has passed: empty the old run (run.overwrite), write the
+        accepted config and add this segment to the run's history."""
         barrier()  # every rank has looked before rank 0 deletes anything
         if self.dims.is_main:
-            if cfg.run.overwrite and self.run_dir.exists() and restart_count() == 0:
-                shutil.rmtree(self.run_dir)
+            if fresh:
+                clear_run_dir(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            record_segment(self.cfg, self.run_dir, step=step, world=self.dims.world)
         barrier()
 
     def train(self) -> dict[str, float]:
@@ -165,6 +218,7 @@ class Trainer:
             self.timer.add("data_wait", time.perf_counter() - t0)
             step_metrics = self.train_step(micro)
             self.step += 1
+            self._note_nonfinite(step_metrics)
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1]["cursor"])
             for batch in micro:
@@ -174,6 +228,7 @@ class Trainer:
             window_steps += 1
             self.logger.advance(self.step)
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                self._stop_if_nonfinite()
                 metrics = host_values(step_metrics)  # NOTE: the loop's only read of device values
                 metrics["lr"] = self.strategy.lr
                 metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
@@ -183,6 +238,7 @@ class Trainer:
             self.checkpoints.check()
             self.stopped_by = stop.poll() if self.step < self.total_steps else None
             if self.stopped_by or self.checkpoints.should_save(self.step, self.total_steps):
+                self._stop_if_nonfinite()  # NOTE: never a checkpoint of a diverged model
                 self.checkpoints.save(self.step, self.state_dict())
             if self.stopped_by:
                 print0(f"stopped by {self.stopped_by} at step {self.step} of {self.total_steps}; "
@@ -246,6 +302,7 @@ class Trainer:
         every = self.cfg.eval.every
         if self.eval_loader is None or not (self.step == self.total_steps or (every and self.step % every == 0)):
             return
+        self._stop_if_nonfinite()
         model = self.strategy.unwrapped()
         classifier = None
         if self.family == "clip":
@@ -255,6 +312,33 @@ class Trainer:
                       autocast=self.strategy.autocast, normalize=self.normalize)
         self.last_eval = {"eval/top1": result["top1"], "eval/samples": result["samples"]}
         self.logger.log(self.step, self.last_eval, console_keys=("eval/top1", "eval/samples"))
+
+    def _note_nonfinite(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Remember the first step whose loss or gradient norm is NaN or inf, on the device (no
+        sync); `_stop_if_nonfinite` reads it where the loop syncs anyway."""
+        first = self.first_nonfinite
+        bad = torch.zeros((), dtype=torch.bool, device=first.device)
+        for key in ("loss", "grad_norm"):
+            bad |= ~torch.isfinite(torch.as_tensor(metrics[key]).to(first.device)).all()
+        self.first_nonfinite = torch.where((first == 0) & bad, self.step, first)
+
+    def _stop_if_nonfinite(self) -> None:
+        """Collective (at log, eval and save points, which every rank reaches together): stop the
+        run once any rank has seen a non-finite loss or gradient norm, before it is evaluated or
+        saved. Training on would only spread NaN through the weights."""
+        first = self.first_nonfinite.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            first = torch.where(first == 0, torch.iinfo(torch.int64).max, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == torch.iinfo(torch.int64).max, 0, first)
+        step = int(first.item())
+        if step:
+            latest = self.checkpoints.dir / "latest"
+            kept = f"{self.checkpoints.dir}/{latest.read_text().strip()}" if latest.exists() else "none yet"
+            raise TrainingDiverged(
+                f"the loss or gradient norm is not finite from step {step} (seen at step {self.step}); stopped "
+                f"without evaluating or saving (newest checkpoint: {kept}). Lower optim.lr or raise "
+                f"optim.warmup_steps, look at that step's samples (data.ledger=true names them), or train in fp32")
 
     def _to_device(self, batch: dict) -> dict:
         out = {k: batch[k].to(self.dims.device, non_blocking=True) for k in self.task.inputs}

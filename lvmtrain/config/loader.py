@@ -53,7 +53,28 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             nested = {section: nested}
         _merge(cfg, nested, source="command line", prefix="")
     cfg.validate()
+    if not cfg.run.name:
+        cfg.run.name = f"{Path(path).stem if path else 'run'}-{identity_hash(cfg)[:8]}"
     return cfg
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def identity_hash(cfg: Config) -> str:
+    """sha256 of the keys a resume must keep (see schema.RESUMABLE): what the run learns, not where."""
+    from lvmtrain.config.schema import may_change_on_resume
+
+    kept = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not may_change_on_resume(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -19,12 +19,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    """Name of the run; its directory is `log.dir/run.name/`."""
+    name: str = ""
+    """Name of the run; its directory is `log.dir/run.name/`. Empty: the config file's name and a
+    hash of every key a resume must keep (`clip-1f3a9c2e`), so the same experiment finds its run
+    again (a restart, a longer `train.steps`) and a changed one (another lr) gets its own."""
     overwrite: bool = False
     """Start from scratch even if `log.dir/run.name/` holds a finished or older run (its
-    checkpoints are deleted). Without it, an existing run directory is resumed or refused. A
-    restart of the same launch (torchrun's elastic restart, Slurm's requeue) resumes instead."""
+    checkpoints are deleted, once every start-up check has passed). Without it, an existing run
+    directory is resumed or refused. A restart of the same launch (torchrun's elastic restart,
+    Slurm's requeue) resumes instead."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Keys that may differ from the checkpoint's config on resume beyond those that always may
+    (e.g. [optim.lr, optim.weight_decay]): anything else that differs is refused."""
+
+
+# Keys that may differ between a run's checkpoint and the config that resumes it: how and where
+# the run executes, not what it learns. Everything else (model, data, optimizer, seed, precision,
+# and the global batch, checked as data.batch_size x ranks x train.grad_accum_steps) must match,
+# or be named in run.allow_changes. A trailing ".*" covers a whole section.
+RESUMABLE = ("run.*", "train.steps", "train.epochs", "train.threads", "train.grad_accum_steps",
+             "data.batch_size", "data.workers", "data.ledger", "data.max_bad_fraction", "data.val",
+             "data.io_timeout_s", "data.io_retries", "model.grad_checkpointing", "parallel.*", "checkpoint.*",
+             "log.*", "eval.*")
+
+
+def may_change_on_resume(key: str, allowed: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether dotted `key` may differ from the checkpoint's config when a run resumes."""
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in (*RESUMABLE, *allowed))
 
 
 @dataclass
@@ -86,6 +107,15 @@ class DataConfig:
     metrics.jsonl as data/<kind>."""
     ledger: bool = False
     """Append the keys each rank trained on per step to `run_dir/ledger/rank{R}.jsonl`."""
+    io_timeout_s: float = 60.0
+    """Seconds one network operation on a remote shard (`https://`, `s3://`, ...: open, one
+    range read of up to a few MB) may take before it is abandoned and retried. Local files and
+    `pipe:` streams have none."""
+    io_retries: int = 3
+    """Further attempts of a remote operation that timed out or failed (pauses of 0.5, 1, 2, ...
+    s between them). A shard still unreadable at start-up is skipped and counted
+    (data/unreadable_shard), a sample during training counts as data/unreadable_sample; after 3
+    such failures in a row, a host's other reads fail at once for a minute."""
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     """Per-channel normalisation mean (CLIP's by default)."""
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -273,6 +303,8 @@ class Config:
             raise ConfigError("checkpoint.every / every_minutes / keep_every: must be >= 0 (0 turns it off)")
         if self.data.workers < 0:
             raise ConfigError("data.workers: must be >= 0")
+        if self.data.io_timeout_s <= 0 or self.data.io_retries < 0:
+            raise ConfigError("data.io_timeout_s must be > 0 and data.io_retries >= 0")
         sources = len([p for p in self.data.train.split("::") if p.strip()])
         if self.data.train_weights and (len(self.data.train_weights) != sources
                                         or min(self.data.train_weights) <= 0):
@@ -318,6 +350,10 @@ class Config:
                               "fp16 loss scaling here), or ddp / deepspeed for fp16")
         if self.model.grad_checkpointing < 0:
             raise ConfigError("model.grad_checkpointing: 0 (off) or N to recompute every N-th block")
+        for key in self.run.allow_changes:
+            section, _, name = key.partition(".")
+            if not hasattr(getattr(self, section, None), name) or section == key:
+                raise ConfigError(f"run.allow_changes: '{key}' is not a config key (write section.key, e.g. optim.lr)")
         if self.checkpoint.resume not in ("auto", "none") and not self.checkpoint.resume:
             raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
 

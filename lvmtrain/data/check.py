@@ -1,7 +1,8 @@
 """Pre-flight check of a shard spec, before a run spends GPU hours finding out.
 
 Every shard is looked at, and a bad one never stops the check: the report names each missing,
-unreadable or truncated shard ("corrupt") and says what to do, counts samples (from img2dataset's
+unreadable or truncated shard ("corrupt") and each remote one whose server does not answer within
+the timeout and retries ("unreachable"), and says what to do, counts samples (from img2dataset's
 `NNNNN_stats.json` or `lvmtrain data build`'s `_stats.json` when present, else from the tar index),
 decodes the first few samples of every shard, and turns the totals into what a run on `world`
 ranks will see.
@@ -14,7 +15,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lvmtrain.data.shards import DataError, Sample, ShardReader, expand_spec, local_path, scan_shard
+from lvmtrain.data.shards import (DataError, RemoteIO, RemoteReadError, Sample, ShardReader, expand_spec, local_path,
+                                  scan_shard)
 from lvmtrain.data.transforms import decode_rgb
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -22,7 +24,7 @@ IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 
 @dataclass
 class ShardReport:
-    """One shard: `status` is "ok", "missing" or "corrupt" (`error` says why)."""
+    """One shard: `status` is "ok", "missing", "corrupt" or "unreachable" (`error` says why)."""
 
     path: str
     status: str
@@ -79,6 +81,10 @@ class CheckReport:
         return len(self._by_status("corrupt"))
 
     @property
+    def unreachable(self) -> int:
+        return len(self._by_status("unreachable"))
+
+    @property
     def samples(self) -> int:
         """Samples in the usable shards."""
         return sum(s.count for s in self._by_status("ok"))
@@ -109,7 +115,7 @@ class CheckReport:
     def totals(self) -> dict:
         return {
             "shards": len(self.shards), "ok": self.ok, "missing": self.missing, "corrupt": self.corrupt,
-            "samples": self.samples, "samples_per_rank": self.samples_per_rank,
+            "unreachable": self.unreachable, "samples": self.samples, "samples_per_rank": self.samples_per_rank,
             "steps_per_epoch": self.steps_per_epoch, "decoded": self.decoded, "bad": self.bad,
             "bad_rate": self.bad_rate,
         }
@@ -125,18 +131,20 @@ class CheckReport:
 
     def format(self, max_rows: int = 50) -> str:
         """A table of the shards (bad ones first when there are many), totals, warnings, problems."""
-        lines = [f"{'shard':48s} {'status':8s} {'samples':>8s} {'source':>16s} {'decoded':>7s} {'bad':>4s} "
+        lines = [f"{'shard':48s} {'status':11s} {'samples':>8s} {'source':>16s} {'decoded':>7s} {'bad':>4s} "
                  f"{'caption':>7s} {'label':>5s}"]
         rows = sorted(self.shards, key=lambda s: s.status == "ok") if len(self.shards) > max_rows else self.shards
         for s in rows[:max_rows]:
             name = s.path if len(s.path) <= 48 else "..." + s.path[-45:]
-            lines.append(f"{name:48s} {s.status:8s} {s.count:8d} {s.count_source:>16s} {s.decoded:7d} {s.bad:4d} "
+            lines.append(f"{name:48s} {s.status:11s} {s.count:8d} {s.count_source:>16s} {s.decoded:7d} {s.bad:4d} "
                          f"{s.with_caption:7d} {s.with_label:5d}")
         if len(rows) > max_rows:
             lines.append(f"... {len(rows) - max_rows} more shards (all ok); --json lists every shard")
         t = self.totals()
         lines.append("")
-        lines.append(f"shards: {t['shards']} ({t['ok']} ok, {t['missing']} missing, {t['corrupt']} corrupt)")
+        unreachable = f", {t['unreachable']} unreachable" if t["unreachable"] else ""
+        lines.append(f"shards: {t['shards']} ({t['ok']} ok, {t['missing']} missing, {t['corrupt']} corrupt"
+                     f"{unreachable})")
         lines.append(f"samples: {t['samples']:,d} in the usable shards")
         per_rank = f"samples per rank: {t['samples_per_rank']:,d} (world {self.world}"
         if self.batch_size:
@@ -155,14 +163,15 @@ class CheckReport:
 
 def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int | None = None,
                  decode_per_shard: int = 4, image_exts=IMAGE_EXTS, caption_ext: str = "txt",
-                 label_ext: str = "cls") -> CheckReport:
-    """Check every shard of `spec`; never raises for a bad shard (it becomes a problem line)."""
+                 label_ext: str = "cls", io: RemoteIO | None = None) -> CheckReport:
+    """Check every shard of `spec`; never raises for a bad shard (it becomes a problem line).
+    `io`: timeout and retries of remote reads (a silent server makes its shards unreachable)."""
     if world < 1 or workers < 0 or (batch_size is not None and batch_size < 1) or decode_per_shard < 0:
         raise DataError(f"--world ({world}) and --batch-size ({batch_size}) must be >= 1, --workers ({workers}) "
                         f"and --decode ({decode_per_shard}) >= 0")
     urls = expand_spec(spec)
     stats_cache: dict[Path, dict | None] = {}
-    rows = [_check_one(url, decode_per_shard, tuple(image_exts), caption_ext, label_ext, stats_cache)
+    rows = [_check_one(url, decode_per_shard, tuple(image_exts), caption_ext, label_ext, stats_cache, io)
             for url in urls]
     report = CheckReport(spec, world, workers, batch_size, rows)
     for s in rows:
@@ -172,6 +181,9 @@ def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int
         elif s.status == "corrupt":
             advice = "" if "rebuild" in s.error else "; rebuild it (`lvmtrain data build`, img2dataset) or drop it"
             report.problems.append(f"{s.path}: corrupt: {s.error}{advice}")
+            continue
+        elif s.status == "unreachable":
+            report.problems.append(f"{s.path}: {s.error}")  # says what to do
             continue
         if s.status != "ok":
             continue
@@ -203,23 +215,24 @@ def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int
 
 
 def _check_one(url: str, decode_per_shard: int, image_exts: tuple, caption_ext: str, label_ext: str,
-               stats_cache: dict) -> ShardReport:
+               stats_cache: dict, io: RemoteIO | None) -> ShardReport:
     path = local_path(url)
     if path is not None and not os.path.exists(path):
         return ShardReport(url, "missing", error="no such file")
     row = ShardReport(url, "ok", bytes=os.path.getsize(path) if path is not None else 0)
-    samples, problem = scan_shard(url)
+    samples, problem = scan_shard(url, io)
     row.samples = len(samples)
     if problem:  # unreadable, or truncated (`samples` then counts those before the cut)
-        row.status = "missing" if "not found" in problem[1] else "corrupt"
         row.error = problem[1].removeprefix(f"{url}: ")
+        row.status = ("unreachable" if row.error.startswith("unreachable: ") else
+                      "missing" if "not found" in problem[1] else "corrupt")
         return row
     if not samples:
         row.status, row.error = "corrupt", "a tar with no samples in it"
         return row
     if path is not None:
         row.stats_samples, row.count_source = _stats_count(Path(path), stats_cache)
-    _decode_first(url, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext)
+    _decode_first(url, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext, io)
     return row
 
 
@@ -249,8 +262,8 @@ def _read_json(path: Path, cache: dict) -> dict | None:
 
 
 def _decode_first(url: str, samples: list[Sample], row: ShardReport, image_exts: tuple, caption_ext: str,
-                  label_ext: str) -> None:
-    reader = ShardReader(max_open=1)
+                  label_ext: str, io: RemoteIO | None) -> None:
+    reader = ShardReader(max_open=1, io=io)
 
     def read(sample: Sample, ext: str) -> bytes:
         return reader.read(url, *sample.files[ext])
@@ -263,8 +276,9 @@ def _decode_first(url: str, samples: list[Sample], row: ShardReport, image_exts:
             if ext is None:
                 reason = f"no image (.{' .'.join(image_exts)}) among .{' .'.join(sorted(sample.files))}"
             else:
+                data = read(sample, ext)
                 try:
-                    decode_rgb(read(sample, ext))
+                    decode_rgb(data)
                 except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
                     reason = f".{ext} does not decode ({type(e).__name__}: {e})"
             if caption_ext in sample.files:
@@ -282,5 +296,7 @@ def _decode_first(url: str, samples: list[Sample], row: ShardReport, image_exts:
             if reason:
                 row.bad += 1
                 row.first_bad = row.first_bad or f"{sample.key}: {reason}"
+    except RemoteReadError as e:  # indexed, then the server stopped answering
+        row.status, row.error = "unreachable", str(e).removeprefix(f"{url}: ")
     finally:
         reader.close()

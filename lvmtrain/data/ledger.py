@@ -11,7 +11,8 @@ import torch
 from lvmtrain.data.shards import DataError
 from lvmtrain.distributed.dims import all_reduce_max, all_reduce_sum
 
-BAD_KINDS = ("missing_image", "bad_image", "missing_caption", "bad_caption", "missing_label", "bad_label")
+BAD_KINDS = ("missing_image", "bad_image", "missing_caption", "bad_caption", "missing_label", "bad_label",
+             "unreadable_sample")
 
 
 class BadSampleCounter:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lvmtrain.data.shards import Cursor, DataError, ShardReader, ShardSet, epoch_order, epoch_size
+from lvmtrain.data.shards import (Cursor, DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet, epoch_order,
+                                  epoch_size)
 from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
 from lvmtrain.preemption import ignore_stop_signals
 
@@ -30,11 +31,13 @@ class Fields:
 
 
 class _SampleDecoder:
-    def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform, tokenizer=None):
+    def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform, tokenizer=None,
+                 io: RemoteIO | None = None):
         self.shards = shards
         self.fields = fields
         self.transform = transform
         self.tokenizer = tokenizer
+        self.io = io
         self.reader: ShardReader | None = None
         self.buffers: SharedBuffers | None = None
 
@@ -43,15 +46,26 @@ class _SampleDecoder:
         `uniforms` drive the training augmentation. A sample that cannot be used raises
         `BadSample` with its kind."""
         if self.reader is None:
-            self.reader = ShardReader()
+            self.reader = ShardReader(io=self.io)
         shard, sample = self.shards.locate(index)
         url = self.shards.urls[shard]
+        try:
+            return self._decode(url, sample, uniforms, out)
+        except RemoteReadError as e:
+            # NOTE: after io_retries: skipped and counted like any unusable sample, so one dead object
+            # costs its samples, while a dead server soon fills a whole batch (a DataError) or the
+            # data.max_bad_fraction budget, and stops the run with this message.
+            raise BadSample("unreadable_sample", url, sample.key, str(e).removeprefix(f"{url}: ")) from None
+
+    def _decode(self, url: str, sample, uniforms, out) -> dict:
         ext = next((e for e in self.fields.image if e in sample.files), None)
         if ext is None:
             raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
         try:
             data = self.reader.read(url, *sample.files[ext])
             image = self.transform(decode_rgb_array(data), uniforms, out)
+        except RemoteReadError:
+            raise
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
             raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
         out = {} if image is None else {"image": image}
@@ -268,7 +282,7 @@ def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) 
     fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if tokenizer else None,
                     label=None if tokenizer else cfg.label_key)
     transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
-    return _SampleDecoder(shards, fields, transform, tokenizer)
+    return _SampleDecoder(shards, fields, transform, tokenizer, RemoteIO.from_config(cfg))
 
 
 def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, tokenizer, accum: int, seed: int,
@@ -304,9 +318,12 @@ def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, max_shards: 
         except BadSample as e:
             failures.append(e)
     if failures and len(failures) == len(probes):
+        advice = ("check data.image_key / data.caption_key / data.label_key (`lvmtrain data check` lists what the "
+                  "shards hold)")
+        if all(e.kind == "unreadable_sample" for e in failures):
+            advice = "no probed shard could be read"
         raise DataError(f"pre-flight: the first sample of all {len(probes)} probed shards is unusable, e.g. "
-                        f"{failures[0]}; check data.image_key / data.caption_key / data.label_key "
-                        "(`lvmtrain data check` lists what the shards hold)")
+                        f"{failures[0]}; {advice}")
     for e in failures[:5]:
         print(f"lvmtrain: pre-flight: {e}", file=sys.stderr)
     return (f"pre-flight: {len(shards.urls)} shards ({len(usable)} usable), {len(shards):,} samples; "

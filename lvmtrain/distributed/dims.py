@@ -94,6 +94,21 @@ def broadcast_object(obj):
     return box[0]
 
 
+def from_rank0(fn, *errors: type[BaseException]):
+    """`fn()` run by rank 0 alone (reads that every rank needs once, not once per rank); its
+    result on every rank, or the error of one of the `errors` types it raised, raised on every rank."""
+    answer = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            answer = (True, fn())
+        except errors as e:
+            answer = (False, e)
+    ok, value = broadcast_object(answer)
+    if not ok:
+        raise value
+    return value
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

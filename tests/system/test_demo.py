@@ -44,7 +44,7 @@ def test_debug_vit_classifier(demo_data, tmp_path):
     4 epochs: 86.9-87.3%)."""
     meta = json.loads((demo_data / "dataset.json").read_text())
     run_lvmtrain(["train", "configs/debug/vit.yaml", f"data.train={meta['train']}", f"data.val={meta['test']}",
-                  f"log.dir={tmp_path}", "train.epochs=1"], nproc=2, timeout=1200)
+                  f"log.dir={tmp_path}", "run.name=vit_debug", "train.epochs=1"], nproc=2, timeout=1200)
     final = [m for m in read_metrics(tmp_path / "vit_debug") if "eval/top1" in m][-1]
     print(final)
     assert final["eval/samples"] == 10000

@@ -28,7 +28,9 @@ def test_dry_run_fills_the_batch_script_options(submit):
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.split()
     assert cmd[:2] == ["sbatch", "--parsable"]
-    for option in ["--job-name=clip_debug", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
+    # the job is named after the run: the config's name and its hash (run.name left out)
+    assert any(o.startswith("--job-name=clip-") and len(o) == len("--job-name=clip-") + 8 for o in cmd), cmd
+    for option in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
                    "--time=24:00:00", "--partition=gpu", "--qos=high", "--output=/scratch/runs/slurm/%x-%j.out",
                    f"--export=ALL,LVMTRAIN_PYTHON={sys.executable}"]:
         assert option in cmd
