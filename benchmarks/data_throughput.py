@@ -26,7 +26,8 @@ from PIL import Image
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.build import load_demo_source
 from lvmtrain.data.loader import build_train_loader, release_batch
-from lvmtrain.data.shards import Cursor, ShardSet
+from lvmtrain.data.order import Cursor
+from lvmtrain.data.shards import ShardSet
 
 
 def make_jpegs(n: int, side: int) -> list[bytes]:

@@ -21,7 +21,8 @@ from lvmtrain.config.loader import config_hash, config_to_dict
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
-from lvmtrain.data.shards import Cursor, RemoteIO, ShardSet, epoch_size
+from lvmtrain.data.order import Cursor, EpochOrder, OrderVersionError, check_order_version
+from lvmtrain.data.shards import RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import (all_reduce_max, all_reduce_mean, barrier, from_rank0, init_distributed,
                                       set_deterministic)
@@ -61,8 +62,9 @@ class Trainer:
         # NOTE: before the run directory: a backend that cannot work here says so first.
         self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
         self.global_batch = cfg.data.batch_size * dims.world * cfg.train.grad_accum_steps
-        samples_per_epoch = epoch_size(train_shards.source_ranges(), block=cfg.data.shuffle_block,
-                                       weights=cfg.data.train_weights)
+        samples_per_epoch = len(EpochOrder(train_shards.source_ranges(), seed=cfg.train.seed, epoch=0,
+                                           block=cfg.data.shuffle_block, window=cfg.data.shuffle_window,
+                                           weights=cfg.data.train_weights or None))
         steps_per_epoch = samples_per_epoch // self.global_batch
         if steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: global batch {self.global_batch} is larger than the "
@@ -172,12 +174,13 @@ class Trainer:
 
         def check() -> tuple[Path, int]:
             manifest = json.loads((path / MANIFEST).read_text())
-            saved = torch.load(path / STATE, map_location="cpu", weights_only=True)["config"]
-            check_resume(cfg, path, saved, manifest["world_size"], world=self.dims.world,
+            state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+            check_resume(cfg, path, state["config"], manifest["world_size"], world=self.dims.world,
                          global_batch=self.global_batch, total_steps=self.total_steps, step=manifest["step"])
+            check_order_version(state["cursor"])
             return path, manifest["step"]
 
-        return from_rank0(check, ConfigError)
+        return from_rank0(check, ConfigError, OrderVersionError)
 
     def _prepare_run_dir(self, *, fresh: bool, step: int) -> None:
         """Rank 0, once every check has passed: empty the old run (run.overwrite), write the

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lvmtrain.data.shards import (Cursor, DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet, epoch_order,
-                                  epoch_size)
+from lvmtrain.data.order import Cursor, EpochOrder
+from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet
 from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
 from lvmtrain.preemption import ignore_stop_signals
 
@@ -220,24 +220,26 @@ class TrainBatches(IterableDataset):
     def global_batch(self) -> int:
         return self.batch_size * self.world * self.accum
 
+    def order(self, epoch: int) -> EpochOrder:
+        """Epoch `epoch`'s order: any slice computed on demand, nothing per sample held."""
+        return EpochOrder(self.decoder.shards.source_ranges(), seed=self.seed, epoch=epoch, block=self.block,
+                          window=self.window, weights=self.weights)
+
     def steps_per_epoch(self) -> int:
-        ranges = self.decoder.shards.source_ranges()
-        return epoch_size(ranges, block=self.block, weights=self.weights) // self.global_batch
+        return len(self.order(0)) // self.global_batch
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         g, b = self.global_batch, self.batch_size
-        ranges = self.decoder.shards.source_ranges()
         epoch, consumed, micro = self.start.epoch, self.start.consumed, 0
         while True:
-            order = epoch_order(ranges, seed=self.seed, epoch=epoch, block=self.block, window=self.window,
-                                weights=self.weights)
+            order = self.order(epoch)
             while len(order) - consumed >= g:
                 for m in range(self.accum):
                     if micro % workers == worker:
                         lo = consumed + (m * self.world + self.rank) * b
-                        indices = order[lo:lo + b]
+                        indices = order.slice(lo, lo + b)
                         uniforms = augment_uniforms(self.seed, epoch, indices, ImageTransform.DRAWS)
                         batch = self.decoder.batch(indices, uniforms)
                         batch["cursor"] = [epoch, consumed + g]

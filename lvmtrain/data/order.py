@@ -1,7 +1,7 @@
 """The epoch order as a function: any slice of it in time and memory proportional to the slice.
 
-`shards.epoch_order` materialises the whole epoch's permutation in every loader worker (44 GB for
-LAION-5B's 5.85B samples). `EpochOrder` keeps the same semantics (blocks of consecutive samples,
+Version 1 (`epoch_order`, before this module) materialised the whole epoch's permutation in every
+loader worker (44 GB for LAION-5B's 5.85B samples). `EpochOrder` keeps the same semantics (blocks of consecutive samples,
 weighted sources, every block permuted together, samples shuffled inside windows of blocks; no
 dependence on the world size) but computes position -> global sample index on demand:
 
@@ -25,7 +25,7 @@ Every permutation is a keyed pseudo-random permutation (PRP) over [0, n): an alt
 network on the next power of two >= n, with cycle walking (re-encrypt until the value is < n),
 which is a bijection of [0, n) for any key and n; see `Prp`. All of it is vectorised numpy uint64.
 
-Deviations from `shards.epoch_order` (version 1): the exact order differs (another generator);
+Deviations from version 1: the exact order differs (another generator);
 a short block is placed by the block permutation like any other, and windows are cut by
 position as before, so a window may start inside a block. The epoch length is exact (v1's
 `epoch_size` under-counted when a fractional share held a source's short last block). Kept: each
@@ -33,22 +33,21 @@ block of a source floor(w) or floor(w)+1 times per epoch as in v1, the same orde
 size, equal batches per rank (`plan_rank_step`), a cursor of a few bytes, now carrying the
 order version (`cursor_state`, `check_order_version`).
 
-NOTE: not yet used by the loader, which still deals `shards.epoch_order` (version 1); wiring it
-in (TrainBatches, the trainer's epoch length, Cursor with its version) is the next step of the
-data-at-scale issue.
-
 Global state: O(sources) integers (segments and short blocks), a few hundred bytes; samples are
 located by the caller's per-shard offsets (ShardSet.offsets, 8 bytes per shard).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from lvmtrain.data.shards import DataError
 
 ORDER_VERSION = 2
-"""1: shards.epoch_order (a materialised numpy permutation); 2: this module's EpochOrder."""
+"""1: `epoch_order` of lvmtrain <= round 2's first step (a materialised numpy permutation); 2: this
+module's EpochOrder."""
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -319,12 +318,32 @@ def check_order_version(saved) -> None:
 
     `consumed` counts positions of one particular order: under another, resuming would neither
     skip what was seen nor show what was not, silently. A state without "order" predates the
-    versioning and was made with version 1.
+    versioning and was made with version 1. NOTE: a cursor at the start of an epoch (consumed 0)
+    means the same under every order (no epoch is split), so it is accepted.
     """
     version = saved.get("order", 1) if isinstance(saved, dict) else saved
+    if isinstance(saved, dict) and int(saved.get("consumed", -1)) == 0:
+        return
     if version != ORDER_VERSION:
         raise OrderVersionError(
             f"the checkpoint's data cursor was made with epoch order version {version}, but this lvmtrain "
             f"uses version {ORDER_VERSION}: its position means other samples under this order, so resuming "
             f"would silently repeat some data and skip other. Resume with the lvmtrain release that wrote the "
             f"checkpoint, or start the data position afresh on purpose (a new run).")
+
+
+@dataclass
+class Cursor:
+    """The data position: `consumed` positions of epoch `epoch`'s order have been trained on; its
+    state carries the order version that gives `consumed` its meaning."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+    def state_dict(self) -> dict:
+        return cursor_state(self.epoch, self.consumed)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Cursor:
+        check_order_version(state)
+        return cls(int(state["epoch"]), int(state["consumed"]))

@@ -15,7 +15,8 @@ from PIL import Image
 
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
-from lvmtrain.data.shards import Cursor, DataError, ShardSet, epoch_order, epoch_size, index_shard
+from lvmtrain.data.order import Cursor
+from lvmtrain.data.shards import DataError, ShardSet, index_shard
 from lvmtrain.data.tokenizer import CLIPTokenizer
 from lvmtrain.data.transforms import (ImageNormalizer, ImageTransform, augment_uniforms, decode_rgb,
                                       decode_rgb_array)
@@ -53,25 +54,7 @@ def test_index_matches_tarfile(shards, train_set):
     assert {f"{s.key}.{e}": v for s in samples for e, v in s.files.items()} == members
 
 
-def test_epoch_order_is_a_seeded_permutation():
-    a = epoch_order([(0, 1000)], seed=1, epoch=0, block=64, window=4)
-    assert sorted(a) == list(range(1000))
-    assert np.array_equal(a, epoch_order([(0, 1000)], seed=1, epoch=0, block=64, window=4))
-    assert not np.array_equal(a, epoch_order([(0, 1000)], seed=1, epoch=1, block=64, window=4))
-    assert not np.array_equal(a, np.arange(1000))
-
-
-def test_weighted_sources():
-    ranges = [(0, 640), (640, 1280), (1280, 1600)]
-    orders = [epoch_order(ranges, seed=0, epoch=e, block=64, window=4, weights=[2, 0.5, 1]) for e in range(2)]
-    for order in orders:
-        assert len(order) == epoch_size(ranges, block=64, weights=[2, 0.5, 1]) == 1280 + 320 + 320
-        counts = np.bincount(order, minlength=1600)
-        assert (counts[:640] == 2).all() and (counts[1280:] == 1).all()
-        assert counts[640:1280].sum() == 320 and set(counts[640:1280]) == {0, 1}
-    # The half of source 1 shown changes from epoch to epoch.
-    assert not np.array_equal(np.bincount(orders[0], minlength=1600)[640:1280],
-                              np.bincount(orders[1], minlength=1600)[640:1280])
+# NOTE: the epoch order itself (seeded permutation, weighted sources) is tested in test_order.py.
 
 
 def test_spec_sources_map_to_index_ranges(shards):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from lvmtrain.data.order import (ORDER_VERSION, EpochOrder, OrderVersionError, Prp, check_order_version,
+from lvmtrain.data.order import (ORDER_VERSION, Cursor, EpochOrder, OrderVersionError, Prp, check_order_version,
                                  cursor_state, plan_rank_step, steps_per_epoch)
 from lvmtrain.data.shards import DataError
 
@@ -164,7 +164,12 @@ def test_a_cursor_of_another_order_version_is_refused():
     assert len(json.dumps(state)) < 100
     check_order_version(state)
     check_order_version(ORDER_VERSION)
-    for old in ({"epoch": 2, "consumed": 4096}, {"epoch": 0, "consumed": 0, "order": ORDER_VERSION + 1}, 1):
+    for old in ({"epoch": 2, "consumed": 4096}, {"epoch": 0, "consumed": 8, "order": ORDER_VERSION + 1}, 1):
         with pytest.raises(OrderVersionError, match="epoch order version .* silently") as e:
             check_order_version(old)
         assert isinstance(e.value, DataError)
+    # at the start of an epoch no epoch is split: any order's cursor means the same
+    assert Cursor.from_state({"epoch": 3, "consumed": 0}) == Cursor(3, 0)
+    assert Cursor.from_state(Cursor(2, 4096).state_dict()) == Cursor(2, 4096)
+    with pytest.raises(OrderVersionError):
+        Cursor.from_state({"epoch": 2, "consumed": 4096})

@@ -17,7 +17,8 @@ import torch
 from lvmtrain.config.schema import ConfigError, DataConfig
 from lvmtrain.data.check import check_shards
 from lvmtrain.data.loader import build_eval_loader, build_train_loader
-from lvmtrain.data.shards import Cursor, DataError, RemoteIO, ShardSet
+from lvmtrain.data.order import Cursor
+from lvmtrain.data.shards import DataError, RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.evaluate import check_labels_cover, top1
 from lvmtrain.models.registry import build_model
