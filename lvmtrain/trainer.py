@@ -22,7 +22,7 @@ from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
 from lvmtrain.data.order import Cursor, EpochOrder, OrderVersionError, check_order_version
-from lvmtrain.data.shards import RemoteIO, ShardSet
+from lvmtrain.data.shards import DataError, RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import (all_reduce_max, all_reduce_mean, barrier, from_rank0, init_distributed,
                                       set_deterministic)
@@ -114,11 +114,12 @@ class Trainer:
         self.normalize = ImageNormalizer(cfg.data.mean, cfg.data.std)
         print0(preflight(train_shards, cfg.data, image_size=self.image_size, tokenizer=self.tokenizer),
                enabled=dims.is_main)
-        if val_shards is not None:  # every rank: all of them stop together
+        if val_shards is not None:  # NOTE: rank 0 reads the labels once; a refusal stops every rank
             n_classes, key = ((len(cfg.eval.class_names), "eval.class_names") if self.family == "clip"
                               else (model.num_classes, "model.num_classes"))
-            print0(check_labels_cover(val_shards, n_classes, key, label_key=cfg.data.label_key),
-                   enabled=dims.is_main)
+            summary = from_rank0(lambda: check_labels_cover(val_shards, n_classes, key, label_key=cfg.data.label_key),
+                                 ConfigError, DataError)
+            print0(summary, enabled=dims.is_main)
 
         self.step, self.samples_seen, self.cursor, wandb_id = 0, 0, Cursor(), None
         self._prepare_run_dir(fresh=fresh, step=resume[1] if resume else 0)
