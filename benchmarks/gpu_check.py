@@ -15,7 +15,8 @@ OUT/gpu_check.json and OUT/gpu_check.md. --vs-open-clip adds the model step (syn
 AdamW) of our CLIP against open_clip's of the same preset, and the measured matmul peak.
 
 Cases (--cases picks some): plain, compile_blocks, compile_model, grad_ckpt, async_save, plain_fp16
-run one process on one GPU; ddp (2+ GPUs), fsdp, zero1, zero2, zero3, zero2_fp16 run on --gpus ranks;
+run one process on one GPU; ddp (2+ GPUs), fsdp, zero1, zero2, zero3, zero2_fp16, zero3_meta (meta_init,
+optimizer offload) run on --gpus ranks;
 resume continues async_save's run (else plain's) from its last checkpoint to more steps and checks
 that it did. --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
 adds a config override to every case.
@@ -62,6 +63,8 @@ CASES = {
     "resume": ([], False),  # continues async_save's (else plain's) run for more steps
     "plain_fp16": (["train.precision=fp16"], False),
     "zero2_fp16": (["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.precision=fp16"], True),
+    "zero3_meta": (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.meta_init=true",
+                    "parallel.offload_optimizer=true"], True),
     "compile_model": (["parallel.compile=model"], False),
 }
 # --cpu: the tiny preset at 32 px, fp32, few short windows; (shards, samples each, image px) to write
@@ -71,7 +74,6 @@ DEFAULTS = {
     "cpu": dict(model="clip_debug", batch_size=16, steps=8, log_every=2, precision="fp32", case_timeout_s=150,
                 min_case_s=15, shards=(4, 64, 64)),
 }
-OPEN_CLIP_NAMES = {"clip_b32": "ViT-B-32", "clip_b16": "ViT-B-16", "clip_l14": "ViT-L-14", "clip_h14": "ViT-H-14"}
 WORDS = ("dog cat car tree house river boat plane bird flower mountain street chair table lamp window "
          "beach forest city bridge horse train bicycle phone book cup clock shoe hat").split()
 ERROR = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b(?<!ChildFailedError): .*")
@@ -268,96 +270,6 @@ def run_case(name: str, args, spec: str, results: dict, deadline: float) -> dict
     return row
 
 
-def model_step_worker(args) -> int:
-    """In its own process, so its memory is freed before the training cases: a training step of
-    our CLIP and of open_clip's of the same preset, on the same synthetic tensors, torch AdamW,
-    autocast as the trainer's; timed after warm-up. Prints JSON lines."""
-    import torch
-    import torch.nn.functional as F
-
-    from lvmtrain.metrics import gpu_peak_tflops, measure_matmul_flops
-    from lvmtrain.models.registry import build_model, get_preset
-    from lvmtrain.tasks.contrastive import clip_loss
-
-    cuda, dtype = not args.cpu, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    dev = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
-    ours = build_model(args.model, image_size=args.image_size, context_length=16 if args.cpu else None).to(dev)
-    size, ctx, batch, pre = ours.image_size, ours.context_length, args.batch_size, get_preset(args.model)
-    if cuda:
-        a, b = (torch.randn(8192, 8192, device=dev, dtype=dtype or torch.float32) for _ in range(2))
-        peak = {"measured": 2 * 8192**3 / timed(lambda: a @ b, cuda, warm=3, steps=20)}
-        if known := gpu_peak_tflops(torch.cuda.get_device_name(), args.precision):
-            peak["datasheet"] = known[1] * 1e12  # what the trainer's MFU divides by
-        del a, b
-    else:
-        peak = {"measured": measure_matmul_flops(dtype or torch.float32)}
-    print(json.dumps({"peak_tflops": {k: v / 1e12 for k, v in peak.items()}}), flush=True)
-    images, tokens = torch.randn(batch, 3, size, size, device=dev), torch.randint(1, 49406, (batch, ctx), device=dev)
-    tokens[:, -1], labels = 49407, torch.arange(batch, device=dev)
-
-    def our_loss(model):
-        out = model(images, tokens)
-        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-
-    def their_loss(model):
-        img, txt, scale = model(images, tokens)
-        logits = scale * img @ txt.T
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-    models = [("step_ours", lambda: ours, our_loss)]
-    if importlib.util.find_spec("open_clip") is None:
-        print(json.dumps({"case": "step_open_clip", "status": "skipped: open_clip not installed"}), flush=True)
-    elif args.model in OPEN_CLIP_NAMES and ctx == 77:
-        models.append(("step_open_clip", lambda: __import__("open_clip").create_model(
-            OPEN_CLIP_NAMES[args.model], force_image_size=size), their_loss))
-    else:  # a preset open_clip has no name for (clip_debug): its CLIP of the same shapes
-        models.append(("step_open_clip", lambda: __import__("open_clip").CLIP(pre.embed_dim, vision_cfg=dict(
-            image_size=size, patch_size=pre.vision.patch_size, width=pre.vision.width, layers=pre.vision.depth,
-            head_width=pre.vision.width // pre.vision.num_heads), text_cfg=dict(
-            context_length=ctx, vocab_size=pre.text.vocab_size, width=pre.text.width, heads=pre.text.num_heads,
-            layers=pre.text.depth)), their_loss))
-    for name, build, loss_fn in models:
-        model = build().to(dev)
-        opt, losses = torch.optim.AdamW(model.parameters(), lr=1e-5), []
-
-        def step():
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(model)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        step_s = timed(step, cuda, warm=5 if cuda else 1, steps=20 if cuda else 3)
-        print(json.dumps({"case": name, "status": "ok", "samples_per_s": batch / step_s,
-                          "mfu": ours.flops_per_sample() * batch / step_s / peak.get("datasheet", peak["measured"]),
-                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                          "last_loss": losses[-1].item(), "params": sum(p.numel() for p in model.parameters())}),
-              flush=True)
-        model.cpu()  # the next model's peak memory is its own
-        del opt, step
-    return 0
-
-
-def timed(fn, cuda: bool, warm: int, steps: int) -> float:
-    """Seconds per call of `fn` after `warm` calls; the device synchronised at both ends, so on a
-    GPU it is device time whatever the host ran ahead."""
-    import torch
-
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(warm):
-        fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / steps
-
-
 def vs_open_clip(args, deadline: float) -> tuple[list[dict], list[str]]:
     """The model-step rows, from a bounded subprocess of this script; and notes for the table."""
     if not args.model.startswith("clip"):
@@ -366,7 +278,13 @@ def vs_open_clip(args, deadline: float) -> tuple[list[dict], list[str]]:
     if left < min(args.min_case_s, args.case_timeout_s):
         return [{"case": "step_open_clip", "status": "skipped: no time left of --budget-s"}], []
     timeout = min(args.case_timeout_s, left)
-    cmd = [sys.executable, __file__, "--worker-model-step", *sys.argv[1:]]
+    # NOTE: the project's one model-step comparison, in its own process (its memory is freed
+    # before the training cases)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_vs_open_clip.py"), "--json", "--model", args.model,
+           "--batch", str(args.batch_size), "--precision", args.precision, "--device", "cpu" if args.cpu else "cuda",
+           "--steps", "3" if args.cpu else "20"]
+    if args.image_size:
+        cmd += ["--image-size", str(args.image_size)]
     log = args.out / "logs" / "vs_open_clip.log"
     rc, seconds = run_bounded(cmd, log, timeout)
     out = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
@@ -446,7 +364,6 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/lvmtrain-gpu-check"), help="run dirs, logs, shards, tables")
     p.add_argument("--budget-s", type=float, default=480, help="total seconds, shards included (default 480)")
     p.add_argument("--vs-open-clip", action="store_true", help="add the model step against open_clip's CLIP")
-    p.add_argument("--worker-model-step", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     cpu = args.cpu
     for key, value in DEFAULTS["cpu" if cpu else "gpu"].items():
@@ -463,8 +380,6 @@ def main() -> int:
         args.image_size = args.image_size or image_size(args.model)
     except ValueError as e:
         p.error(f"--model: {e}")
-    if args.worker_model_step:
-        return model_step_worker(args)
 
     import torch
 

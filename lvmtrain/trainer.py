@@ -321,10 +321,8 @@ class Trainer:
         """Remember the first step whose loss or gradient norm is NaN or inf, on the device (no
         sync); `_stop_if_nonfinite` reads it where the loop syncs anyway."""
         first = self.first_nonfinite
-        bad = torch.zeros((), dtype=torch.bool, device=first.device)
-        for key in ("loss", "grad_norm"):
-            bad |= ~torch.isfinite(torch.as_tensor(metrics[key]).to(first.device)).all()
-        self.first_nonfinite = torch.where((first == 0) & bad, self.step, first)
+        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(torch.as_tensor(metrics["grad_norm"]).to(first.device))
+        self.first_nonfinite = torch.where((first == 0) & ~finite, self.step, first)
 
     def _stop_if_nonfinite(self) -> None:
         """Collective (at log, eval and save points, which every rank reaches together): stop the

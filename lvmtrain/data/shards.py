@@ -3,6 +3,7 @@
 The epoch order over these samples' global indices is `order.py`'s; remote reads go through
 `remote.py` (timeouts, retries).
 """
+
 from __future__ import annotations
 
 import json
