@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from lvmtrain.config.schema import DataConfig
@@ -28,6 +27,7 @@ from lvmtrain.data.build import load_demo_source
 from lvmtrain.data.loader import build_train_loader, release_batch
 from lvmtrain.data.order import Cursor
 from lvmtrain.data.shards import ShardSet
+from lvmtrain.data.writer import write_shard
 
 
 def make_jpegs(n: int, side: int) -> list[bytes]:
@@ -87,9 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     blobs = make_jpegs(args.images, side=args.size * 8 // 7)
     with tempfile.TemporaryDirectory() as tmp:
-        with wds.TarWriter(str(Path(tmp) / "b-0.tar")) as sink:
-            for i, b in enumerate(blobs):
-                sink.write({"__key__": f"{i:06d}", "jpg": b, "cls": str(i % 10)})
+        write_shard(Path(tmp) / "b-0.tar", ((f"{i:06d}", {"jpg": b, "cls": str(i % 10)}) for i, b in enumerate(blobs)))
         # NOTE: alternated and repeated: this machine's decode rate drifts by tens of percent
         # between runs, so one measurement of each would mostly compare the drift.
         ratios = []

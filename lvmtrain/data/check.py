@@ -10,13 +10,13 @@ ranks will see.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from lvmtrain.data.shards import (DataError, RemoteIO, RemoteReadError, Sample, ShardReader, expand_spec, local_path,
-                                  scan_shard)
+from lvmtrain.data.dataset_index import is_dataset_index, read_dataset_index, stats_count
+from lvmtrain.data.order import EpochOrder, steps_per_epoch
+from lvmtrain.data.sample import BadSample, Fields, read_sample
+from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, Sample, ShardReader, expand_spec, local_path, scan_shard, source_parts
 from lvmtrain.data.transforms import decode_rgb
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -103,8 +103,12 @@ class CheckReport:
 
     @property
     def steps_per_epoch(self) -> int | None:
-        """Optimizer steps of one epoch (no accumulation); the last partial global batch is dropped."""
-        return self.samples // (self.batch_size * self.world) if self.batch_size else None
+        """Optimizer steps of one epoch (no accumulation, every source of weight 1) as the epoch order
+        deals them; the last partial global batch is dropped."""
+        if not self.batch_size or not self.samples:
+            return 0 if self.batch_size else None
+        order = EpochOrder([(0, self.samples)], seed=0, epoch=0, block=64, window=4)
+        return steps_per_epoch(order, self.batch_size * self.world)
 
     @property
     def samples_per_rank(self) -> int:
@@ -169,8 +173,9 @@ def check_shards(spec: str, *, world: int = 1, workers: int = 1, batch_size: int
     if world < 1 or workers < 0 or (batch_size is not None and batch_size < 1) or decode_per_shard < 0:
         raise DataError(f"--world ({world}) and --batch-size ({batch_size}) must be >= 1, --workers ({workers}) "
                         f"and --decode ({decode_per_shard}) >= 0")
-    urls = expand_spec(spec)
-    stats_cache: dict[Path, dict | None] = {}
+    urls = [url for part in source_parts(spec)
+            for url in (read_dataset_index(part, io).urls if is_dataset_index(part) else expand_spec(part))]
+    stats_cache: dict[str, dict | None] = {}
     rows = [_check_one(url, decode_per_shard, tuple(image_exts), caption_ext, label_ext, stats_cache, io)
             for url in urls]
     report = CheckReport(spec, world, workers, batch_size, rows)
@@ -230,72 +235,25 @@ def _check_one(url: str, decode_per_shard: int, image_exts: tuple, caption_ext: 
     if not samples:
         row.status, row.error = "corrupt", "a tar with no samples in it"
         return row
-    if path is not None:
-        row.stats_samples, row.count_source = _stats_count(Path(path), stats_cache)
+    row.stats_samples, row.count_source = stats_count(url, stats_cache, io)
     _decode_first(url, samples[:decode_per_shard], row, image_exts, caption_ext, label_ext, io)
     return row
-
-
-def _stats_count(shard: Path, cache: dict) -> tuple[int | None, str]:
-    """Samples claimed by `{stem}_stats.json` (img2dataset) or the folder's `_stats.json` (data build)."""
-    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.stem
-    own = shard.with_name(f"{stem}_stats.json")
-    stats = _read_json(own, cache)
-    if stats is not None and isinstance(stats.get("successes"), int):
-        return stats["successes"], own.name
-    folder = _read_json(shard.with_name("_stats.json"), cache)
-    if folder is not None and isinstance(folder.get("shards"), dict):
-        n = folder["shards"].get(shard.name)
-        if isinstance(n, int):
-            return n, "_stats.json"
-    return None, "index"
-
-
-def _read_json(path: Path, cache: dict) -> dict | None:
-    if path not in cache:
-        try:
-            value = json.loads(path.read_text())
-            cache[path] = value if isinstance(value, dict) else None
-        except (OSError, ValueError):
-            cache[path] = None
-    return cache[path]
 
 
 def _decode_first(url: str, samples: list[Sample], row: ShardReport, image_exts: tuple, caption_ext: str,
                   label_ext: str, io: RemoteIO | None) -> None:
     reader = ShardReader(max_open=1, io=io)
-
-    def read(sample: Sample, ext: str) -> bytes:
-        return reader.read(url, *sample.files[ext])
-
+    fields = Fields(list(image_exts), caption_ext, label_ext, optional=True)
     try:
         for sample in samples:
             row.decoded += 1
-            reason = ""
-            ext = next((e for e in image_exts if e in sample.files), None)
-            if ext is None:
-                reason = f"no image (.{' .'.join(image_exts)}) among .{' .'.join(sorted(sample.files))}"
-            else:
-                data = read(sample, ext)
-                try:
-                    decode_rgb(data)
-                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
-                    reason = f".{ext} does not decode ({type(e).__name__}: {e})"
-            if caption_ext in sample.files:
-                row.with_caption += 1
-                try:
-                    read(sample, caption_ext).decode("utf-8")
-                except UnicodeDecodeError as e:
-                    reason = reason or f".{caption_ext} is not UTF-8 ({e})"
-            if label_ext in sample.files:
-                row.with_label += 1
-                try:
-                    int(read(sample, label_ext).decode("utf-8").strip())
-                except (UnicodeDecodeError, ValueError):
-                    reason = reason or f".{label_ext} is not an integer"
-            if reason:
+            row.with_caption += caption_ext in sample.files
+            row.with_label += label_ext in sample.files
+            try:
+                read_sample(sample, url, lambda offset, size: reader.read(url, offset, size), fields, decode_rgb)
+            except BadSample as e:
                 row.bad += 1
-                row.first_bad = row.first_bad or f"{sample.key}: {reason}"
+                row.first_bad = row.first_bad or f"{sample.key}: {e.reason}"
     except RemoteReadError as e:  # indexed, then the server stopped answering
         row.status, row.error = "unreachable", str(e).removeprefix(f"{url}: ")
     finally:

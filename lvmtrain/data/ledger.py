@@ -12,7 +12,7 @@ from lvmtrain.data.shards import DataError
 from lvmtrain.distributed.dims import all_reduce_max, all_reduce_sum
 
 BAD_KINDS = ("missing_image", "bad_image", "missing_caption", "bad_caption", "missing_label", "bad_label",
-             "unreadable_sample")
+             "unreadable_sample", "missing_sample")
 
 
 class BadSampleCounter:

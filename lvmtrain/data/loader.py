@@ -9,25 +9,16 @@ data position of the step it just took, whatever the prefetch depth.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvmtrain.data.order import Cursor, EpochOrder
+from lvmtrain.data.sample import BadSample, Fields, read_sample
 from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet
 from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
 from lvmtrain.preemption import ignore_stop_signals
-
-
-@dataclass
-class Fields:
-    """Which extensions of a sample hold the image, caption and label."""
-
-    image: list[str]
-    caption: str | None
-    label: str | None
 
 
 class _SampleDecoder:
@@ -44,48 +35,50 @@ class _SampleDecoder:
     def __call__(self, index: int, uniforms=None, out: np.ndarray | None = None) -> dict:
         """Decode sample `index`, its image into `out` when given (else into "image");
         `uniforms` drive the training augmentation. A sample that cannot be used raises
-        `BadSample` with its kind."""
+        `BadSample` with its kind (`read_sample` decides)."""
         if self.reader is None:
             self.reader = ShardReader(io=self.io)
-        shard, sample = self.shards.locate(index)
-        url = self.shards.urls[shard]
+        url, sample, problem = self.shards.sample(index)
+        if sample is None:
+            if problem is not None and problem[0] == "unreadable_shard":
+                raise BadSample("unreadable_sample", url, f"#{index}", problem[1].removeprefix(f"{url}: "))
+            raise BadSample("missing_sample", url, f"#{index}", "the shard holds fewer samples than its count")
         try:
-            return self._decode(url, sample, uniforms, out)
+            decoded = read_sample(sample, url, lambda offset, size: self.reader.read(url, offset, size), self.fields,
+                                  lambda data: self.transform(decode_rgb_array(data), uniforms, out))
         except RemoteReadError as e:
             # NOTE: after io_retries: skipped and counted like any unusable sample, so one dead object
             # costs its samples, while a dead server soon fills a whole batch (a DataError) or the
             # data.max_bad_fraction budget, and stops the run with this message.
             raise BadSample("unreadable_sample", url, sample.key, str(e).removeprefix(f"{url}: ")) from None
+        if decoded["image"] is None:
+            del decoded["image"]
+        decoded["shard"] = url
+        return decoded
 
-    def _decode(self, url: str, sample, uniforms, out) -> dict:
-        ext = next((e for e in self.fields.image if e in sample.files), None)
-        if ext is None:
-            raise BadSample("missing_image", url, sample.key, f"no {' / '.join(self.fields.image)} file")
-        try:
-            data = self.reader.read(url, *sample.files[ext])
-            image = self.transform(decode_rgb_array(data), uniforms, out)
-        except RemoteReadError:
-            raise
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
-            raise BadSample("bad_image", url, sample.key, f"cannot decode .{ext}: {e}") from None
-        out = {} if image is None else {"image": image}
-        if self.fields.caption:
-            if self.fields.caption not in sample.files:
-                raise BadSample("missing_caption", url, sample.key, f"no .{self.fields.caption} file")
-            try:
-                out["text"] = self.reader.read(url, *sample.files[self.fields.caption]).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadSample("bad_caption", url, sample.key, f"caption is not UTF-8 ({e})") from None
-        if self.fields.label:
-            if self.fields.label not in sample.files:
-                raise BadSample("missing_label", url, sample.key, f"no .{self.fields.label} file")
-            try:
-                out["label"] = int(self.reader.read(url, *sample.files[self.fields.label]).strip())
-            except ValueError as e:
-                raise BadSample("bad_label", url, sample.key, f"label is not an integer ({e})") from None
-        out["key"] = sample.key
-        out["shard"] = url
-        return out
+    def hold_blocks(self, indices, slack: int = 16 << 10) -> None:
+        """Read each run of consecutive samples of a shard among `indices` with one range request;
+        `reader.release()` frees them. A run whose span holds more unused bytes (other members,
+        tar headers and padding) than its used ones plus `slack` per sample is read sample by
+        sample instead."""
+        if self.reader is None:
+            self.reader = ShardReader(io=self.io)
+        located = sorted(self.shards.locate(int(i)) for i in indices)
+        run: list[tuple[int, int]] = []
+        for item in located + [(-1, -1)]:
+            if run and (item[0] != run[-1][0] or item[1] != run[-1][1] + 1):
+                shard = run[0][0]
+                table = self.shards.table(shard)
+                positions = [p for _, p in run if p < len(table)]
+                if len(positions) > 1:
+                    first, end, used = table.span(positions)
+                    if end - first - used <= used + slack * len(positions):
+                        try:
+                            self.reader.hold(self.shards.urls[shard], first, end)
+                        except OSError:  # each sample's own read meets it, and reports it
+                            pass
+                run = []
+            run.append(item)
 
     def batch(self, indices, uniforms=None, *, fill: bool = True) -> dict:
         """Decode and collate, each image straight into its slot of a shared batch buffer; bad
@@ -98,12 +91,16 @@ class _SampleDecoder:
         images, release = self.buffers.take((len(indices), side, side, 3))
         slots = images.numpy()
         good, bad = [], []
-        for n, i in enumerate(indices):
-            try:
-                good.append(self(int(i), None if uniforms is None else uniforms[n], slots[len(good)]))
-            except BadSample as e:
-                bad.append(e)
-                _report(e)
+        self.hold_blocks(indices)
+        try:
+            for n, i in enumerate(indices):
+                try:
+                    good.append(self(int(i), None if uniforms is None else uniforms[n], slots[len(good)]))
+                except BadSample as e:
+                    bad.append(e)
+                    _report(e)
+        finally:
+            self.reader.release()
         if not good:
             raise DataError(f"every sample of a batch is unusable (first: {bad[0]}); "
                             "run `lvmtrain data check` on these shards")
@@ -179,14 +176,6 @@ def release_batch(batch: dict) -> None:
         release()
 
 
-class BadSample(Exception):
-    """A sample that cannot be trained on; `kind` is the counter it is reported under."""
-
-    def __init__(self, kind: str, shard: str, key: str, reason: str):
-        super().__init__(f"shard {shard}, sample '{key}': {reason}")
-        self.kind, self.shard, self.key = kind, shard, key
-
-
 _REPORTED = [0]
 MAX_REPORTS = 20
 
@@ -221,7 +210,8 @@ class TrainBatches(IterableDataset):
         return self.batch_size * self.world * self.accum
 
     def order(self, epoch: int) -> EpochOrder:
-        """Epoch `epoch`'s order: any slice computed on demand, nothing per sample held."""
+        """Epoch `epoch`'s order: any slice computed on demand, nothing per sample held; its length
+        is the epoch's."""
         return EpochOrder(self.decoder.shards.source_ranges(), seed=self.seed, epoch=epoch, block=self.block,
                           window=self.window, weights=self.weights)
 
@@ -279,6 +269,13 @@ def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> 
                       worker_init_fn=ignore_stop_signals if workers else None)
 
 
+def train_order(shards: ShardSet, cfg, seed: int, epoch: int) -> EpochOrder:
+    """The order of training epoch `epoch` (cfg: DataConfig), as `build_train_loader` deals it; its
+    length is the epoch's."""
+    return EpochOrder(shards.source_ranges(), seed=seed, epoch=epoch, block=cfg.shuffle_block,
+                      window=cfg.shuffle_window, weights=cfg.train_weights or None)
+
+
 def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) -> _SampleDecoder:
     """Captions for CLIP training (a tokenizer is given), labels for everything else."""
     fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if tokenizer else None,
@@ -303,30 +300,36 @@ def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_siz
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
 
 
-def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, max_shards: int = 64) -> str:
-    """Decode the first sample of (up to `max_shards`) shards the way training will, before step 1.
+def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, first: np.ndarray, max_shards: int = 64) -> str:
+    """Decode, the way training will, one sample of each of the first `max_shards` shards among
+    `first` (global indices the run reads first: its first batches), before step 1.
 
     A run whose every probe fails (a wrong data.image_key or caption_key, shards of another
     layout) stops here with the reason instead of after its first batch; some failures are
-    reported and left to the per-sample budget. Returns a one-line summary.
+    reported and left to the per-sample budget. Only shards the run reads anyway are opened.
+    Returns a one-line summary.
     """
     decoder = _decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer)
-    usable = [i for i, samples in enumerate(shards.samples) if samples]
-    probes = usable[:: max(1, len(usable) // max_shards)][:max_shards]
+    probes: dict[int, int] = {}
+    for index in first:
+        shard = shards.locate(int(index))[0]
+        if len(probes) < max_shards and shard not in probes:
+            probes[shard] = int(index)
     failures = []
-    for shard in probes:
+    for index in probes.values():
         try:
-            decoder(int(shards.offsets[shard]), augment_uniforms(0, 0, [0], ImageTransform.DRAWS)[0])
+            decoder(index, augment_uniforms(0, 0, [0], ImageTransform.DRAWS)[0])
         except BadSample as e:
             failures.append(e)
     if failures and len(failures) == len(probes):
         advice = ("check data.image_key / data.caption_key / data.label_key (`lvmtrain data check` lists what the "
                   "shards hold)")
-        if all(e.kind == "unreadable_sample" for e in failures):
+        if all(e.kind in ("unreadable_sample", "missing_sample") for e in failures):
             advice = "no probed shard could be read"
-        raise DataError(f"pre-flight: the first sample of all {len(probes)} probed shards is unusable, e.g. "
-                        f"{failures[0]}; {advice}")
+        raise DataError(f"pre-flight: one sample of each of the {len(probes)} probed shards, and all are unusable, "
+                        f"e.g. {failures[0]}; {advice}")
     for e in failures[:5]:
         print(f"lvmtrain: pre-flight: {e}", file=sys.stderr)
-    return (f"pre-flight: {len(shards.urls)} shards ({len(usable)} usable), {len(shards):,} samples; "
+    usable = int((np.diff(shards.offsets) > 0).sum())
+    return (f"pre-flight: {len(shards.urls)} shards ({usable} with samples), {len(shards):,} samples; "
             f"{len(probes) - len(failures)}/{len(probes)} probe samples decode")

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lvmtrain.data.shards import DataError
+from lvmtrain.data.remote import DataError
 
 ORDER_VERSION = 2
 """1: `epoch_order` of lvmtrain <= round 2's first step (a materialised numpy permutation); 2: this

@@ -1,193 +1,51 @@
-"""Shard listing, the per-shard sample index (tar headers or sidecars) and byte-range reads.
+"""The shards of a run, as every process holds them: URLs and per-shard sample counts, O(shards)
+(~20 bytes a shard), counted once by rank 0 (`dataset_index.py`) and broadcast. A shard's
+member offsets (`ShardTable`) are loaded only by the process that reads it, on first use, and
+kept in a small LRU; `ShardReader` reads blocks of consecutive samples with one range request.
 
-The epoch order over these samples' global indices is `order.py`'s; remote reads go through
-`remote.py` (timeouts, retries).
+Spec parsing is `spec.py`'s, one shard's tar index `tarindex.py`'s, the epoch order `order.py`'s.
 """
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
-import tarfile
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
-import braceexpand
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
-# NOTE: DataError and RemoteIO are re-exported: every reader of shards uses them
-from lvmtrain.data.remote import DataError, RemoteFile, RemoteIO, RemoteReadError, unreachable  # noqa: F401
+from lvmtrain.data.dataset_index import Counted, count_source
+# NOTE: re-exported: every reader of shards uses these
+from lvmtrain.data.remote import DataError, RemoteIO, RemoteReadError  # noqa: F401
+from lvmtrain.data.spec import expand_spec, local_path, open_shard, source_parts  # noqa: F401
+from lvmtrain.data.tarindex import INDEX_SUFFIX, Sample, ShardTable, index_shard, scan_shard  # noqa: F401
 
-
-def expand_spec(spec: str) -> list[str]:
-    """`/d/{000..009}.tar::/e/a.tar` -> the list of shard paths, in order."""
-    urls: list[str] = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if part:
-            urls.extend(braceexpand.braceexpand(part))
-    if not urls:
-        raise DataError(f"shard spec '{spec}' names no shards")
-    return urls
+TABLES_KEPT = 16
+"""Shard tables a process keeps (LRU): ~1 MB each for 10k samples."""
 
 
-@dataclass
-class Sample:
-    """Where one sample's files lie inside its shard: extension -> (byte offset, size)."""
+class UrlList(Sequence):
+    """Shard URLs in about len(name) + 8 bytes each: their common prefix once, the rest in one blob."""
 
-    key: str
-    files: dict[str, tuple[int, int]]
+    def __init__(self, urls: list[str]):
+        self.prefix = os.path.commonprefix(urls) if urls else ""
+        names = [url[len(self.prefix):].encode("utf-8", "surrogateescape") for url in urls]
+        self.ends = np.cumsum([len(n) for n in names], dtype=np.int64)
+        self.blob = b"".join(names)
 
+    def __len__(self) -> int:
+        return len(self.ends)
 
-def index_shard(path: str, io: RemoteIO | None = None) -> list[Sample]:
-    """Scan a tar's headers (not its contents) and group members into samples by key; raises
-    `DataError` naming the shard when it is missing, unreadable or truncated."""
-    samples, problem = scan_shard(path, io)
-    if problem:
-        raise DataError(problem[1])
-    return samples
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if i < 0 else 0)
+        lo = int(self.ends[i - 1]) if i else 0
+        return self.prefix + self.blob[lo:int(self.ends[i])].decode("utf-8", "surrogateescape")
 
-
-def scan_shard(path: str, io: RemoteIO | None = None) -> tuple[list[Sample], tuple[str, str] | None]:
-    """(samples, problem): the samples of a tar, grouped by key, and (kind, message) when the
-    shard is missing or unreadable (no samples) or truncated (the samples before the cut). A
-    remote shard whose server does not answer (`io`: timeout and retries) is unreadable.
-
-    Grouping by key rather than by adjacency also reads shards whose members are not in key
-    order (img2dataset writes samples as downloads finish).
-    """
-    try:
-        sidecar = _fresh_sidecar(path, io)
-        if sidecar is not None:
-            return sidecar, None
-        source = open_shard(path, io)
-    except RemoteReadError as e:
-        return [], ("unreadable_shard", str(e))
-    except FileNotFoundError:
-        return [], ("unreadable_shard", f"{path}: shard not found; check the shard spec")
-    except OSError as e:
-        return [], ("unreadable_shard", f"{path}: cannot open ({e}); check the URL and credentials")
-    samples: dict[str, Sample] = {}
-    problem = None
-    try:
-        for name, offset, size in _tar_members(source):
-            prefix, ext = base_plus_ext(name)
-            if prefix is None or name.rpartition("/")[2].startswith("_"):
-                continue
-            samples.setdefault(prefix, Sample(prefix, {})).files[ext.lower()] = (offset, size)
-    except RemoteReadError as e:  # the server stopped answering: the rest of the tar is unknown, not cut
-        return [], ("unreadable_shard", str(e))
-    except _Truncated as e:
-        if not samples:
-            return [], ("unreadable_shard", f"{path}: empty, or cut before its first sample; rebuild or remove it")
-        problem = ("truncated_shard", f"{path}: truncated at byte {e}; {len(samples)} samples before "
-                                      "the cut are used; rebuild this shard")
-    except (tarfile.TarError, OSError, ValueError) as e:
-        return [], ("unreadable_shard", f"{path}: not a readable tar file ({e}); rebuild or remove this shard")
-    finally:
-        try:
-            source.close()
-        except OSError:  # a pipe: command that failed reports it again on close
-            pass
-    return list(samples.values()), problem
-
-
-def _fresh_sidecar(url: str, io: RemoteIO | None = None) -> list[Sample] | None:
-    """The samples of a shard's index sidecar (written by `lvmtrain data build`), when there is
-    one no older than the shard: it spares a scan, which for a remote shard is a full download.
-
-    Raises RemoteReadError when the server does not answer for the sidecar: the shard itself,
-    on the same server, would cost as many timeouts again.
-    """
-    path = local_path(url)
-    try:
-        if path is not None:
-            side = index_path(path)
-            if not side.is_file() or side.stat().st_mtime < os.stat(path).st_mtime:
-                return None
-            return load_index(side)
-        if url.startswith("pipe:"):
-            return None
-        return load_index(url + INDEX_SUFFIX, io)
-    except RemoteReadError as e:
-        raise unreachable(url, f"its index sidecar {INDEX_SUFFIX}: {e.detail}") from None
-    except (DataError, OSError):
-        return None
-
-
-def local_path(url: str) -> str | None:
-    """The filesystem path of a local shard URL (plain path or file:), else None."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if url.startswith("file:"):
-        return url[len("file:"):]
-    return None if "://" in url or url.startswith("pipe:") else url
-
-
-def open_shard(url: str, io: RemoteIO | None = None):
-    """A binary file object for a shard: local files and fsspec URLs (s3://, gs://, http(s)://, ...)
-    are seekable (one range request per read); `pipe:CMD` is a stream (webdataset's gopen).
-
-    Every network operation of an fsspec URL ends within `io.timeout_s` and is retried
-    `io.retries` times, then raises RemoteReadError naming the URL (see `RemoteFile`); a file the
-    server says does not exist raises FileNotFoundError at once.
-    """
-    path = local_path(url)
-    if path is not None:
-        return open(path, "rb")
-    if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    return RemoteFile(url, io or RemoteIO())
-
-
-
-
-INDEX_VERSION = 1
-INDEX_SUFFIX = ".idx.json"
-
-
-def index_path(shard: str | Path) -> Path:
-    """The index sidecar of a shard: `NAME.tar` -> `NAME.tar.idx.json`."""
-    return Path(str(shard) + INDEX_SUFFIX)
-
-
-def write_index(path: str | Path, samples: list[Sample]) -> None:
-    """Write a shard's index (`{"version": 1, "samples": [[key, {ext: [offset, size]}], ...]}`) atomically.
-
-    Offsets are those of the member data, as `index_shard` computes them.
-    """
-    path = Path(path)
-    doc = {"version": INDEX_VERSION,
-           "samples": [[s.key, {ext: [int(o), int(n)] for ext, (o, n) in s.files.items()}] for s in samples]}
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
-def load_index(path: str | Path, io: RemoteIO | None = None) -> list[Sample]:
-    """Read an index sidecar written by `write_index` back into `Sample`s, in the order written.
-    `path` may be a URL (anything `open_shard` opens)."""
-    try:
-        with open_shard(str(path), io) as f:
-            doc = json.loads(f.read())
-    except RemoteReadError:
-        raise  # says what to do about the server; "rebuild the shards" would not help
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the shard index ({e}); delete it, or rebuild the shards with "
-                        "`lvmtrain data build`") from None
-    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("samples"), list):
-        raise DataError(f"{path}: not a version {INDEX_VERSION} shard index; delete it, or rebuild the shards "
-                        "with `lvmtrain data build`")
-    return [Sample(key, {ext: (int(o), int(n)) for ext, (o, n) in files.items()}) for key, files in doc["samples"]]
-
-
-class _Truncated(Exception):
-    pass
+    def nbytes(self) -> int:
+        return self.ends.nbytes + len(self.blob) + len(self.prefix)
 
 
 class ShardReader:
@@ -201,9 +59,24 @@ class ShardReader:
     def __init__(self, max_open: int = 8, io: RemoteIO | None = None):
         self.max_open, self.io = max_open, io
         self.files: OrderedDict[str, list] = OrderedDict()  # url -> [file, stream position or None]
+        self.held: dict[str, list[tuple[int, bytes]]] = {}  # url -> [(first byte, data)]
+
+    def hold(self, url: str, start: int, end: int) -> None:
+        """Read [start, end) of a shard in one request and serve the reads inside it from memory,
+        until `release()`: a block of consecutive samples costs one round trip."""
+        self.held.setdefault(url, []).append((start, self._read(url, start, end - start)))
+
+    def release(self) -> None:
+        self.held.clear()
 
     def read(self, url: str, offset: int, size: int) -> bytes:
         """`size` bytes at `offset`; OSError when the shard ends first."""
+        for start, data in self.held.get(url, ()):
+            if start <= offset and offset + size <= start + len(data):
+                return data[offset - start:offset - start + size]
+        return self._read(url, offset, size)
+
+    def _read(self, url: str, offset: int, size: int) -> bytes:
         entry = self.files.pop(url, None)
         if entry is not None and entry[1] is not None and entry[1] > offset:
             entry[0].close()  # a stream already past this range
@@ -231,145 +104,101 @@ class ShardReader:
         return data
 
     def close(self) -> None:
+        self.held.clear()
         while self.files:
             self.files.popitem()[1][0].close()
-
-
-class _Bytes:
-    """Sequential reads over a tar: a memory map for local files (fast), or any file object."""
-
-    def __init__(self, f):
-        self.f, self.pos, self.view = f, 0, None
-        self.size = getattr(f, "size", None)  # fsspec files know their size
-        name = getattr(f, "name", None)
-        if isinstance(name, str) and name and local_path(name) is not None:
-            self.size = os.fstat(f.fileno()).st_size
-            self.view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
-
-    def read(self, n: int) -> bytes:
-        out = self.view[self.pos:self.pos + n] if self.view is not None else self.f.read(n)
-        self.pos += len(out)
-        return out
-
-    def skip(self, n: int) -> bool:
-        """Skip n bytes; False when the data ends first."""
-        if self.size is not None:
-            if self.pos + n > self.size:
-                return False
-            if self.view is None:
-                self.f.seek(self.pos + n)
-        else:
-            left = n
-            while left > 0:
-                chunk = self.f.read(min(left, 1 << 20))
-                if not chunk:
-                    return False
-                left -= len(chunk)
-        self.pos += n
-        return True
-
-
-def _tar_members(f):
-    """Yield (name, data offset, size) of a tar's regular files from their 512-byte headers.
-
-    NOTE: 20x faster than iterating `tarfile.TarFile`, which builds a TarInfo per member; long
-    names (GNU 'L', pax 'x' path=) are handled, other extensions are skipped. Works on streams
-    (pipe:, no seeking) as well as files.
-    """
-    data = _Bytes(f)
-    long_name = None
-    while True:
-        pos = data.pos
-        header = data.read(512)
-        if len(header) < 512:
-            # NOTE: a complete tar ends with zero blocks; running out of bytes first means it was
-            # cut (a copy or download that died).
-            raise _Truncated(pos)
-        if header.count(0) == 512:
-            break
-        if header[257:262] != b"ustar" and tarfile.calc_chksums(header)[0] != _octal(header[148:156]):
-            raise tarfile.ReadError(f"not a tar header at byte {pos}")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        body = pos + 512
-        padded = (size + 511) // 512 * 512
-        if kind in (b"L", b"x"):
-            payload = data.read(padded)
-            if len(payload) < padded:
-                raise _Truncated(pos)
-            if kind == b"L":
-                long_name = payload[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            else:
-                for rec in payload[:size].decode("utf-8", "surrogateescape").split("\n"):
-                    if " path=" in rec:
-                        long_name = rec.split(" path=", 1)[1]
-            continue
-        if not data.skip(padded):
-            raise _Truncated(pos)
-        if kind in (b"0", b"\0", b"7"):
-            name = long_name
-            if name is None:
-                name = header[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
-                prefix = header[345:500].rstrip(b"\0")
-                if header[257:262] == b"ustar" and prefix:
-                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            yield name, body, size
-        long_name = None
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):
-        return int.from_bytes(field[1:], "big")
-    text = field.rstrip(b"\0 ").strip()
-    return int(text, 8) if text else 0
 
 
 class ShardSet:
     """The samples of a list of shards, addressable by a global index 0..N-1.
 
-    A shard that is missing or unreadable contributes no samples, a truncated one the samples
-    before the cut; each is listed in `problems` as (url, kind, message) for the trainer to report
-    and count. Only when no shard has a sample is it an error.
+    Holds per shard only its URL and sample count (`offsets`, their prefix sums); the samples of a
+    shard are looked up in its `table`, loaded on first use. A shard that is missing or
+    unreadable contributes no samples, a truncated one the samples before the cut; each is listed
+    in `problems` as (url, kind, message) for the trainer to report and count. Only when no shard
+    has a sample is it an error.
     """
 
-    def __init__(self, urls: list[str], source_of_shard: list[int] | None = None, io: RemoteIO | None = None):
-        self.urls = urls
-        self.source_of_shard = source_of_shard or [0] * len(urls)
+    def __init__(self, sources: list[Counted], io: RemoteIO | None = None):
+        self.urls = UrlList([url for s in sources for url in s.urls])
+        self.offsets = np.concatenate([[0], np.cumsum([n for s in sources for n in s.counts], dtype=np.int64)])
+        self.source_ends = np.cumsum([len(s.urls) for s in sources])
+        self.sidecars = [s.sidecars for s in sources]
+        self.problems = [p for s in sources for p in s.problems]
         self.io = io
-        self.samples, self.problems = [], []
-        for url in urls:
-            samples, problem = scan_shard(url, io)
-            self.samples.append(samples)
-            if problem:
-                self.problems.append((url, *problem))
-        counts = np.array([len(s) for s in self.samples], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._tables: OrderedDict[int, ShardTable] = OrderedDict()
         if self.offsets[-1] == 0:
-            detail = self.problems[0][2] if self.problems else f"{urls[0]} holds no samples"
-            raise DataError(f"no usable samples in {len(urls)} shard(s): {detail}")
+            detail = self.problems[0][2] if self.problems else f"{self.urls[0]} holds no samples"
+            raise DataError(f"no usable samples in {len(self.urls)} shard(s): {detail}")
 
     @classmethod
     def from_spec(cls, spec: str, io: RemoteIO | None = None) -> ShardSet:
-        """Shards of a spec; each `::`-separated part is a source (for `data.train_weights`).
-        `io`: timeout and retries of remote reads (`RemoteIO.from_config(cfg.data)`)."""
-        urls, sources = [], []
-        for i, part in enumerate(p for p in spec.split("::") if p.strip()):
-            part_urls = expand_spec(part)
-            urls += part_urls
-            sources += [i] * len(part_urls)
-        return cls(urls, sources, io)
+        """Shards of a spec; each `::`-separated part is a source (for `data.train_weights`): a brace
+        spec of shards, or a dataset index file (`*.json`, `lvmtrain data index`). `io`: timeout and
+        retries of remote reads (`RemoteIO.from_config(cfg.data)`). Call it on one process and
+        share the result (`dims.from_rank0`): it reads every shard's count."""
+        return cls([count_source(part, io) for part in source_parts(spec)], io)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tables": OrderedDict()}  # NOTE: what one process loaded stays there
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def count(self, shard: int) -> int:
+        return int(self.offsets[shard + 1] - self.offsets[shard])
+
+    def state_bytes(self) -> int:
+        """Bytes of the global state every process holds."""
+        return self.urls.nbytes() + self.offsets.nbytes + self.source_ends.nbytes
+
     def source_ranges(self) -> list[tuple[int, int]]:
         """[lo, hi) of global sample indices per source, in spec order."""
-        ranges = []
-        for source in range(max(self.source_of_shard) + 1):
-            shards = [i for i, s in enumerate(self.source_of_shard) if s == source]
-            ranges.append((int(self.offsets[shards[0]]), int(self.offsets[shards[-1] + 1])))
-        return ranges
+        starts = np.concatenate([[0], self.source_ends[:-1]])
+        return [(int(self.offsets[a]), int(self.offsets[b])) for a, b in zip(starts, self.source_ends)]
 
-    def locate(self, index: int) -> tuple[int, Sample]:
+    def locate(self, index) -> tuple[int, int]:
+        """(shard, position in the shard) of global sample `index`."""
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return shard, self.samples[shard][index - self.offsets[shard]]
+        return shard, int(index - self.offsets[shard])
+
+    def sidecar_url(self, shard: int) -> str | None:
+        """Where the dataset index says the shard's sidecar lives, when not beside the shard."""
+        mapping = self.sidecars[int(np.searchsorted(self.source_ends, shard, side="right"))]
+        if mapping is None:
+            return None
+        url = self.urls[shard]
+        return mapping[1] + url[len(mapping[0]):] + INDEX_SUFFIX
+
+    def table(self, shard: int) -> ShardTable:
+        """The samples of one shard (its sidecar, or a scan), kept among the last TABLES_KEPT used.
+
+        When the shard does not hold the samples its count promised (a stale index or stats
+        file, a shard cut since), the positions past its end are unusable samples for the caller to
+        count; that is said once here.
+        """
+        table = self._tables.pop(shard, None)
+        if table is None:
+            url = self.urls[shard]
+            samples, problem = scan_shard(url, self.io, self.sidecar_url(shard))
+            table = ShardTable(samples, problem)
+            if len(table) != self.count(shard):
+                why = problem[1] if problem else f"{url}: holds {len(table)} samples"
+                print(f"lvmtrain: warning: {why}; its count says {self.count(shard)}: the samples past its end "
+                      "are skipped as missing_sample; rerun `lvmtrain data index` (or `data check`) on this data",
+                      file=sys.stderr, flush=True)
+            if len(self._tables) >= TABLES_KEPT:
+                self._tables.popitem(last=False)
+        self._tables[shard] = table
+        return table
+
+    def tables(self) -> list[ShardTable]:
+        """Every shard's table (a small data set's, or a test's: it loads each shard)."""
+        return [self.table(i) for i in range(len(self.urls))]
+
+    def sample(self, index) -> tuple[str, Sample | None, tuple[str, str] | None]:
+        """(shard URL, sample, problem) of global index `index`; the sample is None when the shard
+        does not hold it (now): `problem` then says why when the shard could not be read whole."""
+        shard, position = self.locate(index)
+        table = self.table(shard)
+        return self.urls[shard], table[position] if position < len(table) else None, table.problem

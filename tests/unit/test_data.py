@@ -203,8 +203,8 @@ def test_url_shards_read_like_local_ones(shards, scheme, request):
         scheme = request.getfixturevalue("http_root")
     local = ShardSet.from_spec(shards["train"])
     remote = ShardSet.from_spec(scheme + shards["train"])
-    assert [[(s.key, s.files) for s in shard] for shard in remote.samples] == \
-        [[(s.key, s.files) for s in shard] for shard in local.samples]
+    assert [[(s.key, s.files) for s in shard] for shard in remote.tables()] == \
+        [[(s.key, s.files) for s in shard] for shard in local.tables()]
     assert keys_by_step(remote, 1, batch=16, steps=4) == keys_by_step(local, 1, batch=16, steps=4)
     a = build_train_loader(local, DataConfig(train="x", batch_size=16, workers=0), dims(0, 1), image_size=28,
                            tokenizer=None, accum=1, seed=1, start=Cursor())
@@ -229,7 +229,7 @@ def test_truncated_stream_is_reported(tmp_path, shards):
 def test_fresh_index_sidecar_spares_the_scan_and_a_stale_one_is_ignored(tmp_path, shards):
     import os
 
-    from lvmtrain.data.shards import index_path, write_index
+    from lvmtrain.data.tarindex import index_path, write_index
 
     shard = tmp_path / "s.tar"
     shard.write_bytes((shards["dir"] / "train" / "train-00000.tar").read_bytes())

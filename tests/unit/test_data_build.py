@@ -13,10 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from lvmtrain.data.build import (build_shards, index_path, load_demo_source, load_index, write_index,
-                                 write_shards)
+from lvmtrain.data.build import build_shards, load_demo_source, write_shards
 from lvmtrain.data.check import check_shards
 from lvmtrain.data.shards import DataError, Sample, ShardSet, index_shard
+from lvmtrain.data.tarindex import index_path, load_index, write_index
 from lvmtrain.data.transforms import decode_rgb
 from tests.conftest import run_lvmtrain
 
@@ -37,8 +37,8 @@ def read_all(spec: str) -> list[dict]:
     shards = ShardSet.from_spec(spec)
     out = []
     for i in range(len(shards)):
-        shard, sample = shards.locate(i)
-        with open(shards.urls[shard], "rb") as f:
+        url, sample, _ = shards.sample(i)
+        with open(url, "rb") as f:
             files = {}
             for ext, (offset, size) in sample.files.items():
                 f.seek(offset)
