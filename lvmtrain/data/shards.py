@@ -25,6 +25,25 @@ TABLES_KEPT = 16
 """Shard tables a process keeps (LRU): ~1 MB each for 10k samples."""
 
 
+SHORT_WARNINGS = 20
+_short_warned = [0]
+
+
+def _warn_short(url: str, problem: tuple[str, str] | None, held: int, count: int) -> None:
+    _short_warned[0] += 1
+    if _short_warned[0] > SHORT_WARNINGS:
+        return
+    if problem is not None and problem[0] == "unreadable_shard":
+        print(f"lvmtrain: warning: {problem[1]}; its {count} samples are skipped as unreadable_sample",
+              file=sys.stderr, flush=True)
+    else:
+        why = problem[1] if problem else f"{url}: holds {held} samples"
+        print(f"lvmtrain: warning: {why}; its count says {count}: the samples past its end are skipped as "
+              "missing_sample; rerun `lvmtrain data index` (or `data check`) on this data", file=sys.stderr, flush=True)
+    if _short_warned[0] == SHORT_WARNINGS:
+        print("lvmtrain: further short or unreadable shards are counted in metrics.jsonl, not printed", file=sys.stderr)
+
+
 class UrlList(Sequence):
     """Shard URLs in about len(name) + 8 bytes each: their common prefix once, the rest in one blob."""
 
@@ -173,20 +192,18 @@ class ShardSet:
     def table(self, shard: int) -> ShardTable:
         """The samples of one shard (its sidecar, or a scan), kept among the last TABLES_KEPT used.
 
-        When the shard does not hold the samples its count promised (a stale index or stats
-        file, a shard cut since), the positions past its end are unusable samples for the caller to
-        count; that is said once here.
+        When the shard does not hold the samples its count promised (unreadable now, or a stale
+        index or stats file, a shard cut since), the positions past its end are unusable samples for
+        the caller to count; that is said here, for the first SHORT_WARNINGS such shards of a process.
         """
         table = self._tables.pop(shard, None)
         if table is None:
             url = self.urls[shard]
             samples, problem = scan_shard(url, self.io, self.sidecar_url(shard))
-            table = ShardTable(samples, problem)
+            table = samples if isinstance(samples, ShardTable) else ShardTable.of(samples)
+            table.problem = problem
             if len(table) != self.count(shard):
-                why = problem[1] if problem else f"{url}: holds {len(table)} samples"
-                print(f"lvmtrain: warning: {why}; its count says {self.count(shard)}: the samples past its end "
-                      "are skipped as missing_sample; rerun `lvmtrain data index` (or `data check`) on this data",
-                      file=sys.stderr, flush=True)
+                _warn_short(url, problem, len(table), self.count(shard))
             if len(self._tables) >= TABLES_KEPT:
                 self._tables.popitem(last=False)
         self._tables[shard] = table

@@ -235,7 +235,7 @@ def test_index_round_trip_and_version_check(tmp_path):
     write_index(path, samples)
     assert json.loads(path.read_text()) == {
         "version": 1, "samples": [["a", {"png": [512, 100], "txt": [1536, 7]}], ["b/c", {"jpg": [2560, 3]}]]}
-    assert load_index(path) == samples
+    assert list(load_index(path)) == samples
     path.write_text(json.dumps({"version": 2, "samples": []}))
     with pytest.raises(DataError, match="x.tar.idx.json: not a version 1 shard index"):
         load_index(path)

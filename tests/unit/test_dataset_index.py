@@ -23,9 +23,11 @@ from tests.unit.test_run_safety_data import _RangeHandler, serve
 
 @pytest.fixture()
 def copied(tmp_path, shards):
-    """The two train shards in a folder of their own (sidecars get written beside them)."""
+    """The two train shards in a folder of their own, without their sidecars."""
     folder = tmp_path / "data"
     shutil.copytree(shards["dir"] / "train", folder)
+    for sidecar in folder.glob("*.idx.json"):
+        sidecar.unlink()
     return folder
 
 
