@@ -29,18 +29,27 @@ class CLIP(nn.Module):
     Args:
         embed_dim: joint embedding size.
         vision: keyword arguments of `VisionTransformer` (image_size, patch_size, width, depth,
-            num_heads, mlp_ratio, drop_path_rate); the CLIP-specific ones are set here.
+            num_heads, mlp_ratio, drop_path_rate, patch_dropout); the CLIP-specific ones are set
+            here.
         text: keyword arguments of `TextTransformer` other than `embed_dim`.
         act: "gelu" or "quick_gelu", for both towers.
+        pool: the image tower's pooling: "token" (CLIP's class token) or "avg" (SigLIP's mean of
+            the patch tokens, no class token).
+        init_logit_scale: the log-temperature's init (CLIP: log 1/0.07; SigLIP: log 10).
+        init_logit_bias: when given, a learnable logit bias with this init (SigLIP: -10), returned
+            by `forward` as "logit_bias".
     """
 
-    def __init__(self, embed_dim: int, vision: dict, text: dict, act: str = "gelu") -> None:
+    def __init__(self, embed_dim: int, vision: dict, text: dict, act: str = "gelu", pool: str = "token",
+                 init_logit_scale: float = INIT_LOGIT_SCALE, init_logit_bias: float | None = None) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+        self.init_logit_scale, self.init_logit_bias = init_logit_scale, init_logit_bias
         self.visual = VisionTransformer(
             **vision,
             num_classes=embed_dim,
-            global_pool="token",
+            global_pool=pool,
+            class_token=pool == "token",
             patch_bias=False,
             pre_norm=True,
             head_bias=False,
@@ -53,14 +62,17 @@ class CLIP(nn.Module):
         # every weight twice (seconds for ViT-H on CPU).
         # NOTE: shape (1,), not a 0-d scalar (open_clip's `nonscalar_logit_scale`): FSDP2 and
         # DeepSpeed's zero.Init shard along dim 0 and refuse 0-d parameters.
-        self.logit_scale = nn.Parameter(torch.full((1,), INIT_LOGIT_SCALE))
+        self.logit_scale = nn.Parameter(torch.full((1,), init_logit_scale))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full((1,), init_logit_bias))
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise both towers and the temperature; valid after `to_empty()` from meta."""
+        """(Re)initialise both towers, the temperature and the bias; valid after `to_empty()` from meta."""
         self.visual.init_weights()
         self.text.init_weights()
-        self.logit_scale.fill_(INIT_LOGIT_SCALE)
+        self.logit_scale.fill_(self.init_logit_scale)
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(self.init_logit_bias)
 
     def set_grad_checkpointing(self, enable: bool | int = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -76,7 +88,7 @@ class CLIP(nn.Module):
         return self.text.context_length
 
     def no_weight_decay(self) -> set[str]:
-        names = {"logit_scale"}
+        names = {"logit_scale", "logit_bias"} if self.logit_bias is not None else {"logit_scale"}
         names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names
@@ -94,17 +106,21 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-        return {
+        out = {
             "image_features": self.encode_image(images, normalize=True),
             "text_features": self.encode_text(tokens, normalize=True),
             "logit_scale": self.logit_scale.exp(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
-    def flops_per_sample(self) -> int:
+    def flops_per_sample(self, train: bool = True) -> int:
         """Analytic training FLOPs (forward + backward) for one image-caption pair.
 
         The sum of both towers' counts (see `VisionTransformer.flops_per_sample` and
         `TextTransformer.flops_per_sample`: 3 x forward, forward = 2 x matmul/conv MACs, the
         projections included). The B x B logits matrix is left out: it depends on the batch.
+        `train` counts the image tokens left by patch dropout; `train=False`, all of them.
         """
-        return fwd_bwd_flops(self.visual.forward_macs() + self.text.forward_macs())
+        return fwd_bwd_flops(self.visual.forward_macs(train) + self.text.forward_macs())

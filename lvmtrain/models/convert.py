@@ -81,6 +81,8 @@ _CLIP_RULES: list[tuple[str, str, Reshape, Reshape]] = [
     ("ln_final.{p}", "text.norm.{p}", _same, _same),
     ("text_projection", "text.proj.weight", _transpose, _transpose),
     ("logit_scale", "logit_scale", _scale_to_lvm, _scale_to_open_clip),
+    # NOTE: SigLIP's learnable bias; open_clip keeps it as the temperature (a 0-d or (1,) tensor)
+    ("logit_bias", "logit_bias", _scale_to_lvm, _scale_to_open_clip),
 ]
 for _oc_tower, _lvm_tower in (("visual.transformer.resblocks.{i}.", "visual.blocks.{i}."),
                               ("transformer.resblocks.{i}.", "text.blocks.{i}.")):

@@ -64,15 +64,21 @@ class CLIPConfig:
     vision: CLIPVisionConfig
     text: TextConfig
     act: str = "gelu"
+    pool: str = "token"
+    """The image tower's pooling: CLIP's class token, or SigLIP's mean of patch tokens ("avg", no
+    class token)."""
+    task: str = "clip"
+    """The objective the preset is trained with by default (`train.task`)."""
 
 
-def _clip(embed_dim: int, vision: tuple, text: tuple) -> CLIPConfig:
+def _clip(embed_dim: int, vision: tuple, text: tuple, **kwargs) -> CLIPConfig:
     image_size, patch_size, width, depth, num_heads = vision
     text_width, text_depth, text_heads = text
     return CLIPConfig(
         embed_dim=embed_dim,
         vision=CLIPVisionConfig(image_size, patch_size, width, depth, num_heads),
         text=TextConfig(width=text_width, depth=text_depth, num_heads=text_heads),
+        **kwargs,
     )
 
 
@@ -93,6 +99,10 @@ PRESETS: dict[str, ViTConfig | CLIPConfig] = {
     "clip_b16": _clip(512, vision=(224, 16, 768, 12, 12), text=(512, 12, 8)),
     "clip_l14": _clip(768, vision=(224, 14, 1024, 24, 16), text=(768, 12, 12)),
     "clip_h14": _clip(1024, vision=(224, 14, 1280, 32, 16), text=(1024, 24, 16)),
+    # SigLIP (big_vision's B/16): no class token, the image pooled by the mean of its patch tokens
+    # (big_vision's default is an attention-pool head), the sigmoid loss by default.
+    "siglip_debug": _clip(128, vision=(32, 4, 128, 4, 4), text=(128, 3, 4), pool="avg", task="siglip"),
+    "siglip_b16": _clip(768, vision=(224, 16, 768, 12, 12), text=(768, 12, 12), pool="avg", task="siglip"),
 }
 
 
@@ -112,6 +122,19 @@ def model_family(name: str) -> Literal["vit", "clip"]:
     return "clip" if isinstance(get_preset(name), CLIPConfig) else "vit"
 
 
+def default_task(name: str) -> str:
+    """The objective preset `name` trains with unless `train.task` says otherwise."""
+    cfg = get_preset(name)
+    return cfg.task if isinstance(cfg, CLIPConfig) else "classify"
+
+
+def text_context_length(name: str, override: int | None = None) -> int | None:
+    """Tokens per caption of preset `name`'s text tower (`override`: model.context_length); None
+    for a ViT."""
+    cfg = get_preset(name)
+    return (override or cfg.text.context_length) if isinstance(cfg, CLIPConfig) else None
+
+
 def _overrides(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -125,6 +148,9 @@ def build_model(
     global_pool: str | None = None,
     drop_path_rate: float | None = None,
     context_length: int | None = None,
+    patch_dropout: float = 0.0,
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
 ) -> nn.Module:
     """Build preset `name`; each keyword left as None keeps the preset's value.
 
@@ -132,7 +158,9 @@ def build_model(
     the patch size); pretrained weights then no longer load as they are.
     `context_length` (CLIP only) may only shorten the text position table; pretrained weights
     are truncated to it by `convert.load_open_clip`. `num_classes` and `global_pool` are ViT only.
-    `drop_path_rate` applies to both CLIP towers.
+    `drop_path_rate` applies to both CLIP towers, `patch_dropout` (FLIP) to the image tower.
+    `init_logit_scale` / `init_logit_bias` (CLIP only: an objective's, e.g. SigLIP's) set the
+    temperature's init and add a learnable logit bias.
     """
     cfg = get_preset(name)
     if isinstance(cfg, ViTConfig):
@@ -145,7 +173,10 @@ def build_model(
             global_pool=global_pool,
             drop_path_rate=drop_path_rate,
         )
-        return VisionTransformer(**dataclasses.asdict(dataclasses.replace(cfg, **overrides)))
+        if init_logit_scale is not None or init_logit_bias is not None:
+            raise ValueError(f"init_logit_scale / init_logit_bias apply to CLIP presets only; {name!r} is a ViT")
+        return VisionTransformer(**dataclasses.asdict(dataclasses.replace(cfg, **overrides)),
+                                 patch_dropout=patch_dropout)
 
     for key, value in (("num_classes", num_classes), ("global_pool", global_pool)):
         if value is not None:
@@ -162,4 +193,6 @@ def build_model(
         cfg.text, **_overrides(context_length=context_length, drop_path_rate=drop_path_rate)
     )
     vision_kwargs, text_kwargs = dataclasses.asdict(vision), dataclasses.asdict(text)
-    return CLIP(cfg.embed_dim, vision=vision_kwargs, text=text_kwargs, act=cfg.act)
+    logit = _overrides(init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    return CLIP(cfg.embed_dim, vision={**vision_kwargs, "patch_dropout": patch_dropout}, text=text_kwargs, act=cfg.act,
+                pool=cfg.pool, **logit)

@@ -23,6 +23,47 @@ GLOBAL_POOLS = ("token", "avg")
 INIT_MODES = ("timm", "clip")
 
 
+def num_kept_patches(num_patches: int, patch_dropout: float) -> int:
+    """Patch tokens each image keeps in training under `patch_dropout` (at least one)."""
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ValueError(
+            f"model.patch_dropout must be in [0, 1) (the fraction of patch tokens dropped in "
+            f"training; 0 turns it off), got {patch_dropout}"
+        )
+    return max(1, round((1.0 - patch_dropout) * num_patches))
+
+
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout (Li et al., 2023): in training, each image keeps its own random subset
+    of `keep` patch tokens; the `num_prefix_tokens` leading tokens (the class token) always stay.
+
+    NOTE: drawn from the global RNG, like stochastic depth: a checkpoint saves each rank's RNG state
+    and a resume restores it, and the gradient cache replays it for its recomputing forward, so
+    the draws are the same after a resume and in both passes. The module holds no parameters or
+    buffers.
+    """
+
+    def __init__(self, num_patches: int, keep: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_patches = num_patches
+        self.keep = keep
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.keep == self.num_patches:
+            return x
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        noise = torch.rand(patches.shape[:2], device=x.device)
+        # NOTE: the kept indices are put back in raster order: attention does not care, but the
+        # gather then reads memory in order and a hook sees the patches as they lie in the image.
+        kept = noise.topk(self.keep, dim=1).indices.sort(dim=1).values
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}/{self.num_patches}"
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, as one strided convolution."""
 
@@ -76,6 +117,13 @@ class VisionTransformer(nn.Module):
         norm_eps: LayerNorm epsilon (timm 1e-6, open_clip 1e-5).
         drop_path_rate: stochastic depth at the last block, linear from 0 at the first.
         init_mode: "timm" (trunc_normal 0.02) or "clip" (open_clip's width-scaled normals).
+        patch_dropout: fraction of patch tokens dropped in training, in [0, 1) (FLIP, Li et al.
+            2023): each image keeps max(1, round((1 - p) x patches)) random patches plus the class
+            token, after the position add and before `norm_pre` and the blocks; "avg" pooling then
+            averages the kept patches. Nothing is dropped in eval mode; `flops_per_sample(train=...)`
+            counts either token count.
+        class_token: a leading class token (CLIP, timm); without one (SigLIP) `global_pool` must
+            be "avg".
     """
 
     def __init__(
@@ -97,8 +145,12 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         drop_path_rate: float = 0.0,
         init_mode: str = "timm",
+        patch_dropout: float = 0.0,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
+        if not class_token and global_pool == "token":
+            raise ValueError("global_pool 'token' needs the class token; use 'avg' without one")
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
         if init_mode not in INIT_MODES:
@@ -111,9 +163,13 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = 0
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width, bias=patch_bias)
-        self.num_prefix_tokens = 1
-        self.cls_token = nn.Parameter(torch.empty(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, width))
+        self.num_prefix_tokens = int(class_token)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, width)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + self.num_prefix_tokens, width))
+        num_patches = self.patch_embed.num_patches
+        self.patch_drop = PatchDropout(
+            num_patches, num_kept_patches(num_patches, patch_dropout), self.num_prefix_tokens
+        )
         self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = make_blocks(
             depth,
@@ -133,7 +189,13 @@ class VisionTransformer(nn.Module):
 
     @property
     def seq_len(self) -> int:
+        """Tokens the blocks see in eval (all patches + the class token)."""
         return self.patch_embed.num_patches + self.num_prefix_tokens
+
+    @property
+    def train_seq_len(self) -> int:
+        """Tokens the blocks see in training, after patch dropout."""
+        return self.patch_drop.keep + self.num_prefix_tokens
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -144,13 +206,15 @@ class VisionTransformer(nn.Module):
                 norm.reset_parameters()
         if self.init_mode == "timm":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-            nn.init.normal_(self.cls_token, std=1e-6)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=1e-6)
             init_blocks_timm(self.blocks)
             head_std = 0.02
         else:
             scale = self.width**-0.5
             nn.init.normal_(self.pos_embed, std=scale)
-            nn.init.normal_(self.cls_token, std=scale)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=scale)
             init_blocks_clip(self.blocks, self.width)
             head_std = scale
         if isinstance(self.head, nn.Linear):
@@ -171,13 +235,16 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.image_size
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} if self.cls_token is not None else {"pos_embed"}
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> all tokens (B, 1 + patches, width) after the final norm."""
+        """Images (B, C, H, W) -> tokens (B, 1 + patches, width) after the final norm; in training
+        with patch dropout, (B, `train_seq_len`, width): the class token, then the kept patches."""
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed
+        x = self.patch_drop(x)
         x = self.norm_pre(x)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
@@ -193,21 +260,29 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_macs(self) -> int:
+    def forward_macs(self, train: bool = True) -> int:
+        """Multiply-accumulates of one image's forward; `train` counts the blocks on the tokens
+        left by patch dropout, `train=False` on all of them (eval). The patch embedding runs on
+        every patch either way."""
         patch = self.patch_embed
         in_chans = patch.proj.in_channels
         macs = patch.num_patches * in_chans * patch.patch_size**2 * self.width
-        macs += len(self.blocks) * block_macs(self.seq_len, self.width, self.mlp_hidden_dim)
+        tokens = self.train_seq_len if train else self.seq_len
+        macs += len(self.blocks) * block_macs(tokens, self.width, self.mlp_hidden_dim)
         if isinstance(self.head, nn.Linear):
             macs += self.head.in_features * self.head.out_features
         return macs
 
-    def flops_per_sample(self) -> int:
+    def flops_per_sample(self, train: bool = True) -> int:
         """Analytic training FLOPs (forward + backward) for one image.
+
+        `train` (the default, for MFU) counts the tokens a training step processes after patch
+        dropout; `train=False` counts a full sequence, as an eval forward sees it.
 
         forward = 2 x the multiply-accumulates of every matmul / conv: patch embedding, qkv,
         q@k^T, attention@v, output projection, MLP fc1 and fc2, and the head; backward = 2 x
         forward, so the total is 3 x forward. Norms, softmax, GELU, bias adds and the position
         add are ignored (they are O(tokens x width), not O(tokens x width^2)).
         """
-        return fwd_bwd_flops(self.forward_macs())
+        return fwd_bwd_flops(self.forward_macs(train))
+
