@@ -24,7 +24,7 @@ from PIL import Image
 
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.build import load_demo_source
-from lvmtrain.data.loader import build_train_loader, release_batch
+from lvmtrain.data.loader import build_train_loader
 from lvmtrain.data.order import Cursor
 from lvmtrain.data.shards import ShardSet
 from lvmtrain.data.writer import write_shard
@@ -64,15 +64,15 @@ def pipeline_rate(spec: str, n: int, size: int, workers: int, batch: int) -> flo
     shards = ShardSet.from_spec(spec)
     cfg = DataConfig(train=spec, batch_size=batch, workers=workers, crop_scale_min=0.35, label_key="cls")
     dims = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
-    loader = build_train_loader(shards, cfg, dims, image_size=size, tokenizer=None, accum=1, seed=0, start=Cursor())
+    loader = build_train_loader(shards, cfg, dims, image_size=size, fields=("label",), accum=1, seed=0, start=Cursor())
     it = iter(loader)
     next(it)  # workers started, first batch decoded
     t = time.perf_counter()
     seen = 0
     for _ in range(n // batch - 1):
         b = next(it)
-        seen += b["image"].shape[0]
-        release_batch(b)  # what the trainer does once the batch is on the device
+        seen += b.image.shape[0]
+        b.release()  # what the trainer does once the batch is on the device
     return seen / (time.perf_counter() - t)
 
 

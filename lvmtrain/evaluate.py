@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvmtrain.config.schema import ConfigError
-from lvmtrain.data.loader import release_batch
 from lvmtrain.data.shards import DataError, RemoteIO, ShardReader, ShardSet, local_path
 from lvmtrain.distributed.dims import all_reduce_max, all_reduce_sum
 
@@ -94,9 +93,9 @@ def top1(model: nn.Module, loader, device: torch.device, *, classifier: torch.Te
     classes = classifier.shape[1] if classifier is not None else 0
     largest, example = -1, ""
     for batch in loader:
-        images = normalize(batch["image"].to(device, non_blocking=True))
-        release_batch(batch)  # `normalize` made a new tensor: the loader may refill the buffer
-        host_labels = batch["label"]
+        images = normalize(batch.image.to(device, non_blocking=True))
+        batch.release()  # `normalize` made a new tensor: the loader may refill the buffer
+        host_labels = batch.label
         labels = host_labels.to(device, non_blocking=True)
         with autocast():
             if classifier is not None:
@@ -111,7 +110,7 @@ def top1(model: nn.Module, loader, device: torch.device, *, classifier: torch.Te
             j = int(outside.nonzero()[0])
             counts[2] += int(outside.sum())
             largest = max(largest, int(host_labels.max()))
-            example = example or f"label {int(host_labels[j])} of sample '{batch['keys'][j]}' in {batch['shards'][j]}"
+            example = example or f"label {int(host_labels[j])} of sample '{batch.keys[j]}' in {batch.shards[j]}"
         counts[0] += (logits.argmax(-1) == labels).sum()
         counts[1] += labels.numel()
     model.train(was_training)

@@ -34,6 +34,11 @@ PEAK_TFLOPS = {
 }
 
 
+def due(step: int, every: int, total: int) -> bool:
+    """Is it time to log, evaluate or save? Every `every` steps (0: never), and at the last step."""
+    return step == total or (every > 0 and step % every == 0)
+
+
 class MetricLogger:
     def __init__(self, cfg: LogConfig, run_dir: Path, *, enabled: bool, run_name: str, config: dict,
                  total_steps: int, start_step: int = 0, wandb_id: str | None = None):

@@ -52,8 +52,9 @@ def may_change_on_resume(key: str, allowed: list[str] | tuple[str, ...] = ()) ->
 class ModelConfig:
     name: str = "clip_debug"
     """Preset name (`lvmtrain models` lists them): vit_debug, vit_ti16, vit_s16, vit_b32, vit_b16,
-    vit_l14, vit_h14, vit_g14, clip_debug, clip_b32, clip_b16, clip_l14, clip_h14. A `vit_*` preset
-    trains a classifier, a `clip_*` preset a contrastive image-text model."""
+    vit_l14, vit_h14, vit_g14, clip_debug, clip_b32, clip_b16, clip_l14, clip_h14, siglip_debug,
+    siglip_b16. A `vit_*` preset trains a classifier, a `clip_*` preset CLIP's InfoNCE, a `siglip_*`
+    preset the SigLIP sigmoid loss (`train.task` picks another objective)."""
     image_size: int | None = None
     """Input resolution in pixels; null keeps the preset's. Must be divisible by the patch size."""
     patch_size: int | None = None
@@ -65,6 +66,10 @@ class ModelConfig:
     """ViT pooling: the class token or the mean of patch tokens; null keeps the preset's."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate (linearly increasing over blocks)."""
+    patch_dropout: float = 0.0
+    """FLIP patch dropout (Li et al. 2023): the fraction of each training image's patch tokens
+    dropped at random before the image tower's blocks (class token kept; none in evaluation).
+    0.5 halves the image tower's compute; FLOPs and MFU count the tokens kept."""
     context_length: int | None = None
     """Text context length in tokens for `clip_*` presets (null: 77, CLIP's). Shorter captions
     train faster; longer ones are truncated keeping the end-of-text token."""
@@ -255,6 +260,9 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     seed: int = 0
     """Seed of model init, data order and augmentation; the same seed gives the same run."""
+    task: str = ""
+    """The objective: classify (`vit_*`), clip (InfoNCE) or siglip (sigmoid loss) for image-text
+    presets; empty: the preset's own (`lvmtrain models`)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for forward/backward (weights and optimizer stay fp32). bf16 is fast on
     recent GPUs and very slow on CPUs without bf16 units."""
@@ -288,6 +296,11 @@ class Config:
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"model.name: unknown preset '{self.model.name}'{hint}")
         family = model_family(self.model.name)
+        from lvmtrain.tasks import check_task
+
+        check_task(self)
+        if not 0.0 <= self.model.patch_dropout < 1.0:
+            raise ConfigError(f"model.patch_dropout: {self.model.patch_dropout} must be in [0, 1)")
         if not self.data.train:
             raise ConfigError("data.train: no training shards given (e.g. data.train=/data/{000..009}.tar)")
         if self.train.steps < 0 or self.train.epochs < 0:

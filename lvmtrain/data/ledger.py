@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lvmtrain.data.batch import Batch
 from lvmtrain.data.shards import DataError
 from lvmtrain.distributed.dims import all_reduce_max, all_reduce_sum
 
@@ -27,8 +28,8 @@ class BadSampleCounter:
         for _, kind, _ in shard_problems:
             self.shard_counts[kind] += 1
 
-    def update(self, batch: dict) -> None:
-        for skipped in batch["skipped"]:
+    def update(self, batch: Batch) -> None:
+        for skipped in batch.skipped:
             self.counts[skipped["kind"]] += 1
 
     def totals(self, samples_seen: int) -> dict[str, int]:
@@ -69,11 +70,11 @@ class SampleLedger:
         self.attempt = int(all_reduce_max(stamp).item())  # one id shared by every rank
         self.since = since
 
-    def record(self, step: int, micro_batches: list[dict]) -> None:
-        entry = {"step": step, "epoch": micro_batches[-1]["cursor"][0], "attempt": self.attempt,
-                 "since": self.since, "keys": [k for b in micro_batches for k in b["keys"]],
-                 "shards": [s for b in micro_batches for s in b["shards"]],
-                 "skipped": [s for b in micro_batches for s in b["skipped"]]}
+    def record(self, step: int, micro_batches: list[Batch]) -> None:
+        entry = {"step": step, "epoch": micro_batches[-1].cursor[0], "attempt": self.attempt,
+                 "since": self.since, "keys": [k for b in micro_batches for k in b.keys],
+                 "shards": [s for b in micro_batches for s in b.shards],
+                 "skipped": [s for b in micro_batches for s in b.skipped]}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 

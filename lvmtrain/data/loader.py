@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lvmtrain.data.batch import Batch
 from lvmtrain.data.order import Cursor, EpochOrder
 from lvmtrain.data.sample import BadSample, Fields, read_sample
 from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet
@@ -80,7 +81,7 @@ class _SampleDecoder:
                 run = []
             run.append(item)
 
-    def batch(self, indices, uniforms=None, *, fill: bool = True) -> dict:
+    def batch(self, indices, uniforms=None, *, fill: bool = True) -> Batch:
         """Decode and collate, each image straight into its slot of a shared batch buffer; bad
         samples are counted and reported. With `fill` (training) their slots take copies of good
         samples of the same batch (the j-th bad slot the j-th good sample, cyclically), so
@@ -107,20 +108,18 @@ class _SampleDecoder:
         samples = good + [good[j % len(good)] for j in range(len(bad) if fill else 0)]
         for j in range(len(good), len(samples)):
             slots[j] = slots[j - len(good)]
-        batch = {"image": images[:len(samples)], "release": release, "keys": [s["key"] for s in good],
-                 "shards": [s["shard"] for s in good],
-                 "skipped": [{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad]}
-        if "text" in samples[0]:
-            batch["text"] = self.tokenizer([s["text"] for s in samples])
-        if "label" in samples[0]:
-            batch["label"] = torch.tensor([s["label"] for s in samples])
-        return batch
+        return Batch(image=images[:len(samples)], keys=[s["key"] for s in good], shards=[s["shard"] for s in good],
+                     skipped=[{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad],
+                     text=self.tokenizer([s["text"] for s in samples]) if self.fields.caption else None,
+                     label=torch.tensor([s["label"] for s in samples]) if self.fields.label else None,
+                     release_buffer=release)
 
-    def empty_batch(self) -> dict:
+    def empty_batch(self) -> Batch:
         """A batch of no samples (evaluation padding), shaped like the others."""
         side = self.transform.image_size
-        return {"image": torch.empty((0, side, side, 3), dtype=torch.uint8),
-                "label": torch.empty(0, dtype=torch.long), "keys": [], "shards": [], "skipped": []}
+        return Batch(image=torch.empty((0, side, side, 3), dtype=torch.uint8), keys=[], shards=[],
+                     label=torch.empty(0, dtype=torch.long) if self.fields.label else None,
+                     text=self.tokenizer([]) if self.fields.caption else None)
 
 
 class SharedBuffers:
@@ -128,7 +127,7 @@ class SharedBuffers:
 
     A fresh shared-memory batch costs a DataLoader worker ~7 ms per 50 images at 224 px (new
     segment, page faults), as much as decoding 20 of them; a reused one ~0.7 ms. The consumer
-    calls `release_batch(batch)` once it has copied the images out (the trainer does after
+    calls `Batch.release()` once it has copied the images out (the trainer does after
     normalising them); a buffer still in use is never overwritten: the ring then hands out a
     fresh one, so a consumer that never releases only loses the speed-up.
     """
@@ -167,13 +166,6 @@ class _Release:
 
     def __call__(self) -> None:
         self.flags[self.slot] = 0
-
-
-def release_batch(batch: dict) -> None:
-    """Hand a batch's image buffer back to the worker that filled it (see SharedBuffers)."""
-    release = batch.pop("release", None)
-    if release is not None:
-        release()
 
 
 _REPORTED = [0]
@@ -232,7 +224,7 @@ class TrainBatches(IterableDataset):
                         indices = order.slice(lo, lo + b)
                         uniforms = augment_uniforms(self.seed, epoch, indices, ImageTransform.DRAWS)
                         batch = self.decoder.batch(indices, uniforms)
-                        batch["cursor"] = [epoch, consumed + g]
+                        batch.cursor = (epoch, consumed + g)
                         yield batch
                     micro += 1
                 consumed += g
@@ -264,9 +256,13 @@ class EvalBatches(IterableDataset):
 
 
 def make_loader(dataset: IterableDataset, *, workers: int, pin_memory: bool) -> DataLoader:
+    # NOTE: a generator of its own: by default each `iter()` draws the workers' base seed from the
+    # global RNG, which a resume restores from the checkpoint before the first `iter()`; the draw
+    # would then shift every later stochastic-depth and patch-dropout mask by one (our workers draw
+    # nothing from torch's RNG: augmentation hashes (seed, epoch, index)).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False,
-                      worker_init_fn=ignore_stop_signals if workers else None)
+                      worker_init_fn=ignore_stop_signals if workers else None, generator=torch.Generator())
 
 
 def train_order(shards: ShardSet, cfg, seed: int, epoch: int) -> EpochOrder:
@@ -276,18 +272,22 @@ def train_order(shards: ShardSet, cfg, seed: int, epoch: int) -> EpochOrder:
                       window=cfg.shuffle_window, weights=cfg.train_weights or None)
 
 
-def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, tokenizer) -> _SampleDecoder:
-    """Captions for CLIP training (a tokenizer is given), labels for everything else."""
-    fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if tokenizer else None,
-                    label=None if tokenizer else cfg.label_key)
+def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, fields: tuple[str, ...],
+             tokenizer=None) -> _SampleDecoder:
+    """A decoder of the images and of what the task reads (`fields`: "text", "label")."""
+    if "text" in fields and tokenizer is None:
+        raise ValueError("a task that reads captions (\"text\") must give a tokenizer")
+    fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if "text" in fields else None,
+                    label=cfg.label_key if "label" in fields else None)
     transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
     return _SampleDecoder(shards, fields, transform, tokenizer, RemoteIO.from_config(cfg))
 
 
-def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, tokenizer, accum: int, seed: int,
-                       start: Cursor) -> DataLoader:
-    """This rank's training micro-batches from cursor `start` (cfg: DataConfig)."""
-    dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer),
+def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, fields: tuple[str, ...], tokenizer=None,
+                       accum: int, seed: int, start: Cursor) -> DataLoader:
+    """This rank's training micro-batches from cursor `start` (cfg: DataConfig), with the fields a
+    task reads (`Task.fields`)."""
+    dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer),
                            rank=dims.rank, world=dims.world, batch_size=cfg.batch_size, accum=accum,
                            seed=seed, start=start, block=cfg.shuffle_block, window=cfg.shuffle_window,
                            weights=cfg.train_weights)
@@ -295,12 +295,13 @@ def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, tokenize
 
 
 def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_size: int) -> DataLoader:
-    dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, tokenizer=None),
+    dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, fields=("label",)),
                           rank=dims.rank, world=dims.world, batch_size=batch_size)
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
 
 
-def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, first: np.ndarray, max_shards: int = 64) -> str:
+def preflight(shards: ShardSet, cfg, *, image_size: int, fields: tuple[str, ...], tokenizer=None, first: np.ndarray,
+              max_shards: int = 64) -> str:
     """Decode, the way training will, one sample of each of the first `max_shards` shards among
     `first` (global indices the run reads first: its first batches), before step 1.
 
@@ -309,7 +310,7 @@ def preflight(shards: ShardSet, cfg, *, image_size: int, tokenizer, first: np.nd
     reported and left to the per-sample budget. Only shards the run reads anyway are opened.
     Returns a one-line summary.
     """
-    decoder = _decoder(shards, cfg, image_size, train=True, tokenizer=tokenizer)
+    decoder = _decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer)
     probes: dict[int, int] = {}
     for index in first:
         shard = shards.locate(int(index))[0]

@@ -33,6 +33,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Strategy(Protocol):
     model: nn.Module
     """The wrapped model, to call in the forward pass."""
+    dims: Dims
+    """This rank's place (rank, world, device)."""
 
     def init_context(self) -> AbstractContextManager:
         """Context to build the plain model in (the meta device or `zero.Init` with

@@ -1,9 +1,10 @@
-"""CLIP's symmetric InfoNCE loss, with features gathered across ranks.
+"""Image-text objectives whose loss couples the samples of a batch (each is the others' negative):
+CLIP's symmetric InfoNCE, and the base SigLIP shares (gradient cache, zero-shot evaluation).
 
-Each rank scores its own images and texts against the whole global batch (all-gathered with
-gradients, as open_clip's `gather_with_grad` + `local_loss`). The mean over ranks of these local
-losses is exactly the single-process loss on the global batch, and with DDP's gradient averaging
-so is the gradient.
+InfoNCE: each rank scores its own images and texts against the whole global batch (all-gathered
+with gradients, as open_clip's `gather_with_grad` + `local_loss`). The mean over ranks of these
+local losses is exactly the single-process loss on the global batch, and with DDP's gradient
+averaging so is the gradient.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import _functional_collectives as fc
+
+from lvmtrain.checkpoint_files import rng_state, set_rng_state
+from lvmtrain.data.batch import Batch
+from lvmtrain.evaluate import top1, zero_shot_weights
+from lvmtrain.tasks.base import accumulate
 
 # NOTE: torch >= 2.11 names it *_single_*; the older name is kept for torch 2.6-2.10.
 _all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
@@ -44,23 +50,102 @@ def clip_loss_terms(image_features: Tensor, text_features: Tensor, logit_scale: 
 
 
 class ContrastiveTask:
-    """batch {"image", "text"} -> {"loss", "logit_scale"}.
+    """An image-text objective: `features` of a micro-batch, `loss` of features. Subclasses name
+    their `scalar_keys` (the learnable temperature, a bias: shared by every sample) and `loss`.
 
-    The loss couples the samples of a batch (each is the others' negative), so accumulated
-    micro-batches are scored together: the trainer calls `features` per micro-batch and `loss`
-    once on their concatenation (see `Trainer._coupled_step`).
+    Accumulated micro-batches are scored together, as one batch (`train_step`), and evaluated by
+    zero-shot classification of data.val with the class names' text embeddings.
     """
 
-    inputs = ("image", "text")
-    batch_coupled = True
+    name = "contrastive"
+    fields = ("text",)
     feature_keys = ("image_features", "text_features")
+    scalar_keys: tuple[str, ...] = ()
 
-    def features(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        out = model(batch["image"], batch["text"])
+    def __init__(self, tokenizer, class_names: list[str], templates: list[str]):
+        self.tokenizer = tokenizer
+        self.class_names, self.templates = class_names, templates
+
+    @classmethod
+    def from_config(cls, cfg, *, context_length: int | None = None) -> ContrastiveTask:
+        from lvmtrain.data.tokenizer import CLIPTokenizer
+
+        return cls(CLIPTokenizer(context_length=context_length), cfg.eval.class_names, cfg.eval.templates)
+
+    def model_args(self) -> dict:
+        return {}
+
+    def eval_classes(self, model: nn.Module) -> tuple[int, str]:
+        return len(self.class_names), "eval.class_names"
+
+    def features(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        out = model(batch.image, batch.text)
         # NOTE: the similarity matrix is computed in fp32 even under autocast: bf16 logits over a
-        # large global batch lose the small differences InfoNCE learns from.
-        return {"image_features": out["image_features"].float(), "text_features": out["text_features"].float(),
-                "logit_scale": out["logit_scale"].float()}
+        # large global batch lose the small differences a contrastive loss learns from.
+        return {k: out[k].float() for k in (*self.feature_keys, *self.scalar_keys)}
+
+    def loss(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        return self.loss(self.features(model, batch))
+
+    def train_step(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
+        if len(batches) == 1:
+            return accumulate(strategy, batches, self)
+        return self._gradient_cache(strategy, batches)
+
+    def _gradient_cache(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
+        """Accumulation with the loss of the whole accumulated batch, as if it were one micro-batch,
+        at the cost of one extra forward.
+
+        Features of every micro-batch first without gradients; the loss on all of them and its
+        gradient with respect to the features; then each micro-batch again with gradients,
+        back-propagating its slice of that gradient (open_clip's accum_freq; the gradient cache of
+        Gao et al. 2021). The RNG is replayed so both forwards drop the same paths.
+        """
+        model = strategy.model
+        rng, cached = [], []
+        with torch.no_grad(), strategy.autocast():
+            for batch in batches:
+                rng.append(rng_state())
+                cached.append(self.features(model, batch))
+        after = rng_state()
+        feats = {k: torch.cat([f[k] for f in cached]).requires_grad_() for k in self.feature_keys}
+        feats.update({k: cached[0][k].detach().clone().requires_grad_() for k in self.scalar_keys})
+        out = self.loss(feats)
+        out["loss"].backward()
+        sizes = [f[self.feature_keys[0]].shape[0] for f in cached]
+        grads = {k: feats[k].grad.split(sizes) for k in self.feature_keys}
+        for i, batch in enumerate(batches):
+            set_rng_state(rng[i])
+            with strategy.micro_step(sync_grads=i == len(batches) - 1):
+                f = self.features(model, batch)
+                surrogate = sum((f[k] * grads[k][i]).sum() for k in self.feature_keys)
+                if i == 0:  # the shared scalars' gradient once
+                    surrogate = surrogate + sum((f[k] * feats[k].grad).sum() for k in self.scalar_keys)
+                strategy.backward(surrogate)
+        set_rng_state(after)
+        return {k: v.detach() for k, v in out.items()}
+
+    def evaluate(self, model: nn.Module, loader, strategy, normalize) -> dict[str, float]:
+        device = strategy.dims.device
+        classifier = zero_shot_weights(model, self.tokenizer, self.class_names, self.templates, device)
+        result = top1(model, loader, device, classifier=classifier, autocast=strategy.autocast, normalize=normalize)
+        return {"eval/top1": result["top1"], "eval/samples": result["samples"]}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ClipTask(ContrastiveTask):
+    """CLIP's symmetric InfoNCE: batch {"image", "text"} -> {"loss", "logit_scale", ...}."""
+
+    name = "clip"
+    scalar_keys = ("logit_scale",)
 
     def loss(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         image_to_text, text_to_image = clip_loss_terms(features["image_features"], features["text_features"],
@@ -68,6 +153,3 @@ class ContrastiveTask:
         return {"loss": (image_to_text + text_to_image) / 2, "loss/image_to_text": image_to_text.detach(),
                 "loss/text_to_image": text_to_image.detach(),
                 "logit_scale": features["logit_scale"].detach().reshape(())}
-
-    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        return self.loss(self.features(model, batch))

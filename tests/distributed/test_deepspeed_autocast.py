@@ -41,7 +41,8 @@ def two_steps(backend: str, parallel: dict, *, cuda_autocast: bool) -> dict:
     from lvmtrain.distributed.dims import Dims
     from lvmtrain.distributed.strategy import build_strategy
     from lvmtrain.models.registry import build_model
-    from lvmtrain.tasks import ContrastiveTask
+    from lvmtrain.data.batch import Batch
+    from lvmtrain.tasks import ClipTask
 
     dims = Dims(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
     strategy = build_strategy(ParallelConfig(backend=backend, **parallel), dims, "bf16")
@@ -53,8 +54,9 @@ def two_steps(backend: str, parallel: dict, *, cuda_autocast: bool) -> dict:
     linear = next(m for m in strategy.unwrapped().modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda mod, args, out: seen.append(str(out.dtype)))
     g = torch.Generator().manual_seed(1)
-    batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "text": torch.randint(1, 49407, (8, 16), generator=g)}
-    task, losses = ContrastiveTask(), []
+    batch = Batch(image=torch.randn(8, 3, 32, 32, generator=g), keys=[], shards=[],
+                  text=torch.randint(1, 49407, (8, 16), generator=g))
+    task, losses = ClipTask(None, [], []), []
     previous = torch.is_autocast_enabled("cuda")
     torch.set_autocast_enabled("cuda", cuda_autocast)  # what torch.autocast("cuda") sets
     try:

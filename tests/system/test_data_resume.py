@@ -45,10 +45,12 @@ def test_one_epoch_on_two_ranks_two_workers_sees_every_key_once(straight, shards
     assert all(len(step) == 32 for step in straight.values())
 
 
-def kill_one_rank_after(tmp_path, shards, name, step):
-    """Start a 2-rank run and kill -9 one of its ranks once checkpoint `step` is complete."""
+def kill_one_rank_after(tmp_path, shards, name, step, train_args=None):
+    """Start a 2-rank run (`train_args`, default the ledger run's) and kill -9 one of its ranks
+    once checkpoint `step` is complete."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "lvmtrain", *args(tmp_path, shards, name, 16)]
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "lvmtrain",
+           *(train_args or args(tmp_path, shards, name, 16))]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     manifest = tmp_path / name / "checkpoints" / f"step_{step:08d}" / "manifest.json"

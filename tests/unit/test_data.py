@@ -32,11 +32,12 @@ def keys_by_step(shards, world, *, workers=0, accum=1, batch=8, start=Cursor(), 
     out = {}
     for rank in range(world):
         loader = build_train_loader(shards, cfg, dims(rank, world), image_size=28, tokenizer=tokenizer,
+                                    fields=("text",) if tokenizer else ("label",),
                                     accum=accum, seed=3, start=start)
         it = iter(loader)
         for step in range(steps):
             for _ in range(accum):
-                out.setdefault(step, []).extend(next(it)["keys"])
+                out.setdefault(step, []).extend(next(it).keys)
     return {s: sorted(k) for s, k in out.items()}
 
 
@@ -90,16 +91,16 @@ def test_epoch_boundary_drops_the_partial_global_batch(train_set):
 def test_clip_batches_carry_tokens_and_eval_sees_every_sample_once(shards, train_set):
     tok = CLIPTokenizer(context_length=16)
     loader = build_train_loader(train_set, DataConfig(train="x", batch_size=4, workers=0), dims(0, 1),
-                                image_size=28, tokenizer=tok, accum=1, seed=0, start=Cursor())
+                                image_size=28, fields=("text",), tokenizer=tok, accum=1, seed=0, start=Cursor())
     batch = next(iter(loader))
-    assert batch["image"].shape == (4, 28, 28, 3) and batch["image"].dtype == torch.uint8 and batch["text"].shape == (4, 16)
-    assert batch["cursor"] == [0, 4]
+    assert batch.image.shape == (4, 28, 28, 3) and batch.image.dtype == torch.uint8 and batch.text.shape == (4, 16)
+    assert batch.cursor == (0, 4)
     val = ShardSet.from_spec(shards["val"])
     seen = []
     for rank in range(3):
         for b in build_eval_loader(val, DataConfig(train="x", workers=0), dims(rank, 3), image_size=28, batch_size=100):
-            seen += b["keys"]
-            assert set(b) >= {"image", "label"}
+            seen += b.keys
+            assert b.image is not None and b.label is not None and b.text is None
     assert len(seen) == len(set(seen)) == 512
 
 
@@ -207,11 +208,11 @@ def test_url_shards_read_like_local_ones(shards, scheme, request):
         [[(s.key, s.files) for s in shard] for shard in local.tables()]
     assert keys_by_step(remote, 1, batch=16, steps=4) == keys_by_step(local, 1, batch=16, steps=4)
     a = build_train_loader(local, DataConfig(train="x", batch_size=16, workers=0), dims(0, 1), image_size=28,
-                           tokenizer=None, accum=1, seed=1, start=Cursor())
+                           fields=("label",), accum=1, seed=1, start=Cursor())
     b = build_train_loader(remote, DataConfig(train="x", batch_size=16, workers=0), dims(0, 1), image_size=28,
-                           tokenizer=None, accum=1, seed=1, start=Cursor())
+                           fields=("label",), accum=1, seed=1, start=Cursor())
     for x, y in zip(a, b):
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert torch.equal(x.image, y.image) and torch.equal(x.label, y.label)
         break
     if scheme.startswith("http"):
         assert _RangeHandler.ranges_served > 0  # read by range requests, not whole-file downloads
@@ -243,19 +244,18 @@ def test_fresh_index_sidecar_spares_the_scan_and_a_stale_one_is_ignored(tmp_path
 
 def test_shared_buffers_are_reused_only_after_release(train_set):
     """Released buffers are refilled; held ones never change under the consumer's feet."""
-    from lvmtrain.data.loader import release_batch
 
     def run(release_every):
         cfg = DataConfig(train="x", batch_size=16, workers=2)
-        loader = build_train_loader(train_set, cfg, dims(0, 1), image_size=28, tokenizer=None, accum=1,
+        loader = build_train_loader(train_set, cfg, dims(0, 1), image_size=28, fields=("label",), accum=1,
                                     seed=5, start=Cursor())
         held, sums = [], []
         for i, batch in zip(range(40), loader):
-            sums.append(int(batch["image"].sum()))
+            sums.append(int(batch.image.sum()))
             if release_every and i % release_every:
-                release_batch(batch)
+                batch.release()
             else:
-                held.append((batch["image"], sums[-1]))
+                held.append((batch.image, sums[-1]))
         # A held buffer still holds what it was handed with, after 40 more batches were made.
         assert all(int(images.sum()) == s for images, s in held)
         return sums

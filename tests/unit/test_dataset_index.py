@@ -122,10 +122,10 @@ def test_counts_come_from_img2dataset_stats_and_a_stale_count_is_skipped_and_cou
     (copied / "train-00001_stats.json").write_text(json.dumps({"successes": 700}))
     shard_set = ShardSet.from_spec(f"{copied}/train-{{00000..00001}}.tar")
     assert [shard_set.count(0), shard_set.count(1)] == [800, 700]  # the stats' word, not a scan's
-    decoder = _decoder(shard_set, DataConfig(train="x"), 28, train=False, tokenizer=None)
+    decoder = _decoder(shard_set, DataConfig(train="x"), 28, train=False, fields=("label",))
     batch = decoder.batch(list(range(760, 790)))  # 8 real samples of shard 0, then 22 past its end
-    assert batch["image"].shape[0] == 30 and len(batch["keys"]) == 8
-    assert [s["kind"] for s in batch["skipped"]] == ["missing_sample"] * 22
+    assert batch.image.shape[0] == 30 and len(batch.keys) == 8
+    assert [s["kind"] for s in batch.skipped] == ["missing_sample"] * 22
     assert "holds 768 samples; its count says 800" in capsys.readouterr().err
 
 
@@ -146,14 +146,14 @@ def test_shard_tables_are_loaded_on_use_and_bounded(copied, monkeypatch):
 def test_a_block_of_consecutive_samples_is_one_read(copied):
     """Decoding 64 consecutive samples reads the shard once for the block, not 3 times per sample."""
     shard_set = ShardSet.from_spec(f"{copied}/train-{{00000..00001}}.tar")
-    decoder = _decoder(shard_set, DataConfig(train="x"), 28, train=False, tokenizer=None)
+    decoder = _decoder(shard_set, DataConfig(train="x"), 28, train=False, fields=("label",))
     decoder.reader = ShardReader()
     reads = []
     original = decoder.reader._read
     decoder.reader._read = lambda url, offset, size: reads.append(size) or original(url, offset, size)
     indices = list(range(100, 164)) + list(range(900, 932))  # a run in each shard
     batch = decoder.batch(np.random.default_rng(0).permutation(indices))
-    assert len(batch["keys"]) == 96 and not batch["skipped"]
+    assert len(batch.keys) == 96 and not batch.skipped
     assert len(reads) == 2
-    assert batch["label"].tolist() == [int(k) for k in (decoder(i)["label"] for i in
+    assert batch.label.tolist() == [int(k) for k in (decoder(i)["label"] for i in
                                                         np.random.default_rng(0).permutation(indices))]

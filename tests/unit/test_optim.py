@@ -49,12 +49,13 @@ def test_mixed_precision_steps_learn(precision):
     from lvmtrain.config.schema import ParallelConfig
     from lvmtrain.distributed.dims import Dims
     from lvmtrain.distributed.ddp import DDPStrategy
+    from lvmtrain.data.batch import Batch
     from lvmtrain.tasks import ClassifyTask
 
     torch.manual_seed(0)
     strategy = DDPStrategy(ParallelConfig(), Dims(0, 1, 0, 1, torch.device("cpu")), precision)
     strategy.setup(build_model("vit_debug", image_size=16), OptimConfig(lr=3e-3, warmup_steps=0), 20)
-    batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8) % 2}
+    batch = Batch(image=torch.randn(8, 3, 16, 16), keys=[], shards=[], label=torch.arange(8) % 2)
     losses, norms = [], []
     for _ in range(8):
         with strategy.micro_step(sync_grads=True):

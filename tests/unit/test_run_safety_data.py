@@ -165,7 +165,7 @@ def test_a_server_lost_after_start_up_stops_the_batch_naming_it(shards):
     server.shutdown()
     server.server_close()
     cfg = DataConfig(train="x", batch_size=16, workers=0, io_timeout_s=1, io_retries=1)
-    loader = build_train_loader(remote, cfg, dims(), image_size=28, tokenizer=None, accum=1, seed=1, start=Cursor())
+    loader = build_train_loader(remote, cfg, dims(), image_size=28, fields=("label",), accum=1, seed=1, start=Cursor())
     with pytest.raises(DataError, match=r"every sample of a batch is unusable \(first: shard http://127\.0\.0\.1:"
                                         r"\d+/.*train-0000[01]\.tar, sample '[^']+': unreachable: "
                                         r"(its index sidecar \.idx\.json: )?open failed 2 "
