@@ -52,6 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, world: int, *args, timeout: int = 120) -> dict:
+    """`target(rank, world, port, *args, out)` in `world` spawned processes (each starts its own
+    gloo group on `port`); {rank: what it put on the queue `out`}, once all exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def run_lvmtrain(args: list[str], *, nproc: int = 1, timeout: int = 600, env: dict | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
     """`lvmtrain ARGS` in a fresh process, or under `torchrun --nproc_per_node=nproc`."""

@@ -7,9 +7,8 @@ import os
 import signal
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 STEPS = 6
 
@@ -32,16 +31,7 @@ def _rank(rank: int, world: int, port: int, signal_rank: int, signal_step: int, 
 
 
 def test_every_rank_stops_at_the_same_step_one_after_the_signal():
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 3, port, 2, 3, out)) for r in range(3)]
-    for p in procs:
-        p.start()
-    answers = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    answers = spawn_ranks(_rank, 3, 2, 3)
     # noted on rank 2 during step 3; every rank reads the agreement at step 4, none earlier
     expected = [None, None, None, "SIGUSR1", "SIGUSR1", "SIGUSR1"]
     assert answers == {0: expected, 1: expected, 2: expected}

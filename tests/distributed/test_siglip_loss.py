@@ -20,11 +20,10 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lvmtrain.tasks.siglip_loss import siglip_loss_gathered, siglip_loss_ring
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 N_LOCAL, DIM = 8, 16
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -124,17 +123,7 @@ def _rank(rank: int, world: int, port: int, out) -> None:
 # NOTE: 2 has one neighbour on both sides; 4 is the first world whose text ring reuses a buffer.
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_matches_gathered_and_one_process(world):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    errors = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert errors == {r: [] for r in range(world)}
+    assert spawn_ranks(_rank, world) == {r: [] for r in range(world)}
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
