@@ -29,6 +29,7 @@ from lvmtrain.distributed.strategy import Strategy, build_strategy
 from lvmtrain.evaluate import check_labels_cover
 from lvmtrain.metrics import MetricLogger, device_peak_flops, print0
 from lvmtrain.models.registry import build_model, text_context_length
+from lvmtrain.models.vit import unmask_patches_from
 from lvmtrain.preemption import restart_count
 from lvmtrain.rundir import LOCK, RunBusy, RunLock, check_resume, clear_run_dir, record_segment
 from lvmtrain.tasks import Task, build_task
@@ -54,11 +55,12 @@ class RunParts:
     bad_samples: BadSampleCounter
     total_steps: int
     global_batch: int
-    flops_per_sample: int
     peak_flops: float
     step: int = 0
     samples_seen: int = 0
     cursor: Cursor = field(default_factory=Cursor)
+    step_hooks: list = field(default_factory=list)
+    """Callables the loop calls with each step's number before running it (model schedules)."""
     rng: dict | None = None
     """The RNG states the checkpoint saved for this rank: restored as the loop starts, so nothing
     built in between (a peak-FLOPs probe, a loader) shifts the draws of dropout masks."""
@@ -113,6 +115,9 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
                             context_length=m.context_length, patch_dropout=m.patch_dropout, **task.model_args())
     model.set_grad_checkpointing(m.grad_checkpointing)
     flops_per_sample = model.flops_per_sample()
+    step_hooks = []
+    if m.patch_dropout and m.patch_dropout_unmasked:
+        step_hooks.append(unmask_patches_from(model, total_steps - round(m.patch_dropout_unmasked * total_steps) + 1))
     # NOTE: ds_numel: under zero.Init (meta_init, ZeRO-3) the parameters are already partitions.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     strategy.setup(model, cfg.optim, total_steps, micro_batch=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
@@ -157,8 +162,8 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
         checkpoints=checkpoints, logger=logger,
         ledger=SampleLedger(run_dir, dims.rank, step, dims.device) if cfg.data.ledger else None,
         bad_samples=bad_samples, total_steps=total_steps, global_batch=global_batch,
-        flops_per_sample=flops_per_sample, peak_flops=peak_flops, step=step, samples_seen=samples_seen, cursor=cursor,
-        rng=rng)
+        peak_flops=peak_flops, step=step, samples_seen=samples_seen, cursor=cursor,
+        step_hooks=step_hooks, rng=rng)
 
 
 def _find_resume(cfg: Config, dims: Dims, checkpoints: CheckpointManager, global_batch: int,

@@ -63,7 +63,7 @@ class Trainer:
     bad_samples: BadSampleCounter
     total_steps: int
     global_batch: int
-    flops_per_sample: int  # analytic training FLOPs of one sample (tokens kept under patch dropout)
+    step_hooks: list  # called with each step's number before it runs (model schedules)
     peak_flops: float  # of this device, for MFU
     # --- progress: saved in every checkpoint (`state_dict`) ---
     step: int
@@ -82,7 +82,7 @@ class Trainer:
         self._lock: RunLock | None = parts.lock
         for name in ("cfg", "dims", "run_dir", "strategy", "task", "normalize", "train_loader", "eval_loader",
                      "checkpoints", "logger", "ledger", "bad_samples", "total_steps", "global_batch",
-                     "flops_per_sample", "peak_flops", "step", "samples_seen", "cursor"):
+                     "step_hooks", "peak_flops", "step", "samples_seen", "cursor"):
             setattr(self, name, getattr(parts, name))
         self._resumed_rng = parts.rng
         self.first_nonfinite = torch.zeros((), dtype=torch.int64, device=self.dims.device)
@@ -114,6 +114,8 @@ class Trainer:
             set_rng_state(self._resumed_rng)
         window_start, window_steps = time.perf_counter(), 0
         while self.step < self.total_steps:
+            for hook in self.step_hooks:
+                hook(self.step + 1)
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
             self.timer.add("data_wait", time.perf_counter() - t0)
@@ -198,7 +200,8 @@ class Trainer:
         """Throughput, MFU, the step's time by phase, memory and data counts over the last
         `steps` steps. Per-device rates are this rank's (averaged over ranks by `_log`)."""
         per_device = steps * self.global_batch / self.dims.world / elapsed
-        flops = per_device * self.flops_per_sample
+        # NOTE: asked each window: a step hook may change what a step computes (unmasked tuning)
+        flops = per_device * self.strategy.unwrapped().flops_per_sample()
         out = {"samples_per_s": per_device * self.dims.world, "samples_per_s_per_device": per_device,
                # one image per sample for both tasks; named apart for dashboards that compare by images
                "images_per_s": per_device * self.dims.world, "images_per_s_per_device": per_device,

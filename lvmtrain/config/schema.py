@@ -70,6 +70,9 @@ class ModelConfig:
     """FLIP patch dropout (Li et al. 2023): the fraction of each training image's patch tokens
     dropped at random before the image tower's blocks (class token kept; none in evaluation).
     0.5 halves the image tower's compute; FLOPs and MFU count the tokens kept."""
+    patch_dropout_unmasked: float = 0.0
+    """The fraction of training's last steps run with patch dropout off (FLIP's unmasked tuning: it
+    wins back part of the accuracy dropout costs; 0.1: the last 10%)."""
     context_length: int | None = None
     """Text context length in tokens for `clip_*` presets (null: 77, CLIP's). Shorter captions
     train faster; longer ones are truncated keeping the end-of-text token."""
@@ -301,6 +304,8 @@ class Config:
         check_task(self)
         if not 0.0 <= self.model.patch_dropout < 1.0:
             raise ConfigError(f"model.patch_dropout: {self.model.patch_dropout} must be in [0, 1)")
+        if not 0.0 <= self.model.patch_dropout_unmasked <= 1.0:
+            raise ConfigError(f"model.patch_dropout_unmasked: {self.model.patch_dropout_unmasked} must be in [0, 1]")
         if not self.data.train:
             raise ConfigError("data.train: no training shards given (e.g. data.train=/data/{000..009}.tar)")
         if self.train.steps < 0 or self.train.epochs < 0:

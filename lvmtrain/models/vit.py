@@ -286,3 +286,16 @@ class VisionTransformer(nn.Module):
         """
         return fwd_bwd_flops(self.forward_macs(train))
 
+
+def unmask_patches_from(model: nn.Module, step: int):
+    """A hook for the training loop (called with each step about to run): from `step` on, every
+    `VisionTransformer` in `model` keeps all its patches (FLIP's unmasked tuning). Idempotent, so
+    a run resumed past `step` is unmasked at once."""
+
+    def hook(current: int) -> None:
+        if current >= step:
+            for module in model.modules():
+                if isinstance(module, PatchDropout):
+                    module.keep = module.num_patches
+
+    return hook

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lvmtrain.models import CLIP
 from lvmtrain.models.layers import block_macs
-from lvmtrain.models.vit import VisionTransformer
+from lvmtrain.models.vit import VisionTransformer, unmask_patches_from
 
 PATCHES = 8 * 8  # 32 px images, 4 px patches
 
@@ -192,3 +192,17 @@ def test_autocast_and_compile():
     out = compiled(_images())
     torch.manual_seed(1)
     assert torch.equal(out, model(_images()))
+
+
+def test_unmasked_tuning_keeps_every_patch_from_its_step_on():
+    """FLIP's unmasked tuning: the loop's hook turns patch dropout off from a step on (also when
+    first called past it, as after a resume), and the FLOPs then count every token."""
+    model = _vit(0.5).train()
+    seen = _capture(model.blocks[0])
+    hook = unmask_patches_from(model, 5)
+    masked = model.flops_per_sample()
+    for step in (3, 4, 5, 6):
+        hook(step)
+        model(_images())
+    assert [x.shape[1] for x, _ in seen] == [33, 33, 1 + PATCHES, 1 + PATCHES]
+    assert model.flops_per_sample() == model.flops_per_sample(train=False) > masked
