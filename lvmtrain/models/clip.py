@@ -112,7 +112,9 @@ class CLIP(nn.Module):
             "logit_scale": self.logit_scale.exp(),
         }
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
+            # NOTE: a copy made inside forward: FSDP2 frees the unsharded parameter once forward
+            # returns (reshard_after_forward), and the loss reads the bias after that
+            out["logit_bias"] = self.logit_bias.clone()
         return out
 
     def flops_per_sample(self, train: bool = True) -> int:

@@ -122,7 +122,9 @@ class ContrastiveTask:
             with strategy.micro_step(sync_grads=i == len(batches) - 1):
                 f = self.features(model, batch)
                 surrogate = sum((f[k] * grads[k][i]).sum() for k in self.feature_keys)
-                if i == 0:  # the shared scalars' gradient once
+                # NOTE: the shared scalars' gradient once, on the synchronised micro-batch: DDP
+                # requires every parameter to take part in the backward that reduces gradients
+                if i == len(batches) - 1:
                     surrogate = surrogate + sum((f[k] * feats[k].grad).sum() for k in self.scalar_keys)
                 strategy.backward(surrogate)
         set_rng_state(after)

@@ -73,9 +73,10 @@ def test_backend_matches_one_process_fp32(shards, tmp_path, reference, backend):
 
 
 @pytest.mark.parametrize("backend", [
+    ["parallel.backend=ddp"],
     ["parallel.backend=fsdp"],
     pytest.param(["parallel.backend=deepspeed", "parallel.zero_stage=2"], marks=needs_deepspeed),
-], ids=["fsdp", "zero2"])
+], ids=["ddp", "fsdp", "zero2"])
 def test_accumulation_under_backend_matches_one_process(shards, tmp_path, reference, backend):
     """2 ranks x 2 micro-batches of 8 = the reference's 32, CLIP's loss over the whole 32."""
     run = train(shards, tmp_path, "accum", "data.batch_size=8", "train.grad_accum_steps=2", *backend, nproc=2)
@@ -133,3 +134,22 @@ def test_checkpoint_moves_between_backends(shards, tmp_path):
         run = train(shards, tmp_path, "chain", f"data.batch_size={48 // ranks}", *constant, *backend,
                     nproc=ranks, steps=steps)
     assert_same_run(ref, run, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def siglip_reference(shards, tmp_path_factory):
+    """One process, global batch 32, fp32, SigLIP's sigmoid loss."""
+    return train(shards, tmp_path_factory.mktemp("siglip_ref"), "ref", "data.batch_size=32", "train.task=siglip")
+
+
+@pytest.mark.parametrize("backend", [
+    ["parallel.backend=ddp"],
+    ["parallel.backend=fsdp"],
+    pytest.param(["parallel.backend=deepspeed", "parallel.zero_stage=2"], marks=needs_deepspeed),
+], ids=["ddp", "fsdp", "zero2"])
+def test_siglip_ring_with_accumulation_matches_one_process(shards, tmp_path, siglip_reference, backend):
+    """2 ranks x 2 micro-batches of 8: the ring loss (texts passed between ranks) through the
+    gradient cache equals one process's loss over the whole 32, under each kind of backend."""
+    run = train(shards, tmp_path, "accum", "data.batch_size=8", "train.grad_accum_steps=2", "train.task=siglip",
+                *backend, nproc=2)
+    assert_same_run(siglip_reference, run, rtol=1e-4)
