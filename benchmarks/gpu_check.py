@@ -16,7 +16,8 @@ AdamW) of our CLIP against open_clip's of the same preset, and the measured matm
 
 Cases (--cases picks some): plain, compile_blocks, compile_model, grad_ckpt, async_save, plain_fp16
 run one process on one GPU; ddp (2+ GPUs), fsdp, zero1, zero2, zero3, zero2_fp16, zero3_meta (meta_init,
-optimizer offload) run on --gpus ranks;
+optimizer offload), siglip_flip and siglip_fsdp (SigLIP's ring loss with patch dropout 0.5 and 2
+micro-batches, under DDP / FSDP2) run on --gpus ranks;
 resume continues async_save's run (else plain's) from its last checkpoint to more steps and checks
 that it did. --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
 adds a config override to every case.
@@ -66,6 +67,11 @@ CASES = {
     "zero3_meta": (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.meta_init=true",
                     "parallel.offload_optimizer=true"], True),
     "compile_model": (["parallel.compile=model"], False),
+    # SigLIP's ring (P2P between ranks: NCCL on GPUs) with FLIP patch dropout, the gradient cache
+    # (2 micro-batches) under DDP and under FSDP2
+    "siglip_flip": (["train.task=siglip", "model.patch_dropout=0.5", "train.grad_accum_steps=2"], True),
+    "siglip_fsdp": (["train.task=siglip", "model.patch_dropout=0.5", "train.grad_accum_steps=2",
+                     "parallel.backend=fsdp"], True),
 }
 # --cpu: the tiny preset at 32 px, fp32, few short windows; (shards, samples each, image px) to write
 DEFAULTS = {

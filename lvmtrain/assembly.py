@@ -122,9 +122,11 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     strategy.setup(model, cfg.optim, total_steps, micro_batch=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
     image_size = model.image_size
-    first = train_order(train_shards, cfg.data, cfg.train.seed, 0).slice(0, 4 * global_batch)
-    print0(from_rank0(lambda: preflight(train_shards, cfg.data, image_size=image_size, fields=task.fields,
-                                        tokenizer=task.tokenizer, first=first), DataError), enabled=dims.is_main)
+    # NOTE: rank 0 alone plans the first 4 global batches (524k positions at 4,096 ranks) and probes them
+    print0(from_rank0(lambda: preflight(
+        train_shards, cfg.data, image_size=image_size, fields=task.fields, tokenizer=task.tokenizer,
+        first=train_order(train_shards, cfg.data, cfg.train.seed, 0).slice(0, 4 * global_batch)), DataError),
+        enabled=dims.is_main)
     if val_shards is not None:  # NOTE: rank 0 reads the labels once; a refusal stops every rank
         n_classes, key = task.eval_classes(model)
         summary = from_rank0(lambda: check_labels_cover(val_shards, n_classes, key, label_key=cfg.data.label_key),
