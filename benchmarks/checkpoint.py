@@ -77,7 +77,7 @@ def main() -> None:
 
     t = time.perf_counter()
     verify(path)
-    state = sync.load(path, strategy.load_template())
+    state = sync.load(path, {"strategy": strategy.load_template()})
     strategy.load_state_dict(state["strategy"])
     load_s = time.perf_counter() - t
 

@@ -139,7 +139,7 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
         print(f"lvmtrain: warning: {message}", file=sys.stderr, flush=True)
     step, samples_seen, cursor, wandb_id, rng = 0, 0, Cursor(), None, None
     if resume is not None:
-        state = checkpoints.load(resume[0], strategy.load_template())
+        state = checkpoints.load(resume[0], {"strategy": strategy.load_template()})
         strategy.load_state_dict(state["strategy"])
         task.load_state_dict(state.get("task", {}))
         bad_samples.load_state_dict(state["bad_samples"], rank=dims.rank)

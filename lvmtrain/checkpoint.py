@@ -1,10 +1,12 @@
 """CheckpointManager: when to save, atomic commit, retention, verification, finding the resume point.
 
 Layout of a run's `checkpoints/`:
-    step_00000040/   weights/ (torch.distributed.checkpoint: model weights and Adam moments by
-                               parameter name, each rank writing its own shards; loads resharded
-                               onto any world size and any backend)
-                     state.pt (schedule, optimizer hyper-parameters, trainer state: rank 0)
+    step_00000040/   weights/ (torch.distributed.checkpoint: the parts' sharded tensors, e.g. the
+                               strategy's model weights and Adam moments by parameter name, each
+                               rank writing its own shards; loads resharded onto any world size
+                               and any backend)
+                     state.pt (the parts' other state: schedule, optimizer hyper-parameters, task,
+                               data cursor, counters: rank 0)
                      rank00000.pt ... (each rank's RNG states)
                      manifest.json (written last: step, world size, backend, config hash, every
                                     file's size and sha256, versions)
@@ -13,6 +15,9 @@ A checkpoint is written under `step_X.tmp/`, fsynced, and renamed only once comp
 last; a kill at any moment leaves the previous checkpoint as the newest complete one. Loading
 verifies every file against the manifest; `resume=auto` skips (and names) a damaged checkpoint
 and takes the one before.
+
+The manager knows no part's layout: it saves a dict of named stateful parts (each part's
+`state_dict()`, or a plain counter), sending whatever a part puts under `SHARDED` through DCP.
 
 A save that cannot complete leaves nothing behind: a full disk is named as such (with the space
 needed and free), the partial `step_X.tmp/` is removed, and `latest` keeps naming the previous
@@ -39,9 +44,9 @@ from lvmtrain.config.schema import CheckpointConfig
 from lvmtrain.distributed.dims import Dims, all_reduce_max, barrier, from_rank0
 from lvmtrain.metrics import due
 from lvmtrain.checkpoint_files import (  # noqa: F401 - re-exported: the files' API
-    MANIFEST, STATE, WEIGHTS, CheckpointError, _atomic_write_text, _crash_point, _fsync_dir, _gb, _is_disk_full,
+    MANIFEST, SHARDED, STATE, WEIGHTS, CheckpointError, _atomic_write_text, _crash_point, _fsync_dir, _gb, _is_disk_full,
     _mount_point, _one_line, _remove_partial, _sha256, _state_bytes, _write, newest_verified, nonfinite_tensors,
-    rng_state, set_rng_state, split_weights, verify)
+    rng_state, set_rng_state, split_sharded, verify)
 
 
 class CheckpointManager:
@@ -56,7 +61,7 @@ class CheckpointManager:
         self._pending = None  # other ranks' DCP future of an async save
         self._group = None
         self._error: BaseException | None = None
-        self._estimate = 0  # bytes of the weights and moments of the save in progress
+        self._estimate = 0  # bytes of the sharded tensors (weights, moments) of the save in progress
 
     def should_save(self, step: int, total_steps: int) -> bool:
         """Collective when `checkpoint.every_minutes` is set: ranks' clocks differ, so a save is
@@ -70,9 +75,9 @@ class CheckpointManager:
         return bool(all_reduce_max(late).item())
 
     def save(self, step: int, state: dict) -> Path:
-        """Collective: every rank calls it with the trainer's state (`Strategy.state_dict()`
-        layout under "strategy"). Weights and Adam moments go through DCP, every rank writing its
-        shards; the rest (small) is written by rank 0; RNG per rank.
+        """Collective: every rank calls it with the run's named parts' states ({name: the part's
+        `state_dict()` or a plain value}). The parts' `SHARDED` tensors go through DCP, every rank
+        writing its shards; the rest (small) is written by rank 0; RNG per rank.
 
         With `checkpoint.async_save`, DCP copies the tensors to host memory and writes them in a
         background thread (with a process group of its own), and rank 0 commits once they are
@@ -86,9 +91,9 @@ class CheckpointManager:
         self.wait()
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
-        weights, rest = split_weights(state)
-        self._refuse_nonfinite(step, weights)
-        self._estimate = _state_bytes(weights)
+        sharded, rest = split_sharded(state)
+        self._refuse_nonfinite(step, sharded)
+        self._estimate = _state_bytes(sharded)
         if self.dims.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -105,10 +110,10 @@ class CheckpointManager:
         # raises on every rank when any rank's write fails), so skipping it would hang the others.
         try:
             if self.cfg.async_save:
-                future = dcp.async_save(weights, checkpoint_id=tmp / WEIGHTS, process_group=self._async_group(),
+                future = dcp.async_save(sharded, checkpoint_id=tmp / WEIGHTS, process_group=self._async_group(),
                                         no_dist=not dist.is_initialized())
             else:
-                dcp.save(weights, checkpoint_id=tmp / WEIGHTS, no_dist=not dist.is_initialized())
+                dcp.save(sharded, checkpoint_id=tmp / WEIGHTS, no_dist=not dist.is_initialized())
                 if self.dims.is_main and error is None:
                     self._commit(tmp, final, rest, manifest)
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
@@ -126,11 +131,11 @@ class CheckpointManager:
             self._pending = (future, step, tmp)
         return final
 
-    def _refuse_nonfinite(self, step: int, weights: dict) -> None:
+    def _refuse_nonfinite(self, step: int, sharded: dict) -> None:
         """Collective: raise CheckpointError on every rank when any rank holds a NaN or inf weight
         or moment, naming the first ones. Each rank checks only its own tensors (its shards under
         FSDP2), so the ranks agree with one all-reduce, and exchange names only when refusing."""
-        bad = nonfinite_tensors(weights)
+        bad = nonfinite_tensors(sharded)
         flag = torch.tensor([float(bool(bad))], device=self.dims.device)
         if not all_reduce_max(flag).item():
             return
@@ -288,17 +293,17 @@ class CheckpointManager:
 
         return from_rank0(choose, CheckpointError)
 
-    def load(self, path: Path, template: dict) -> dict:
-        """The trainer state of checkpoint `path`, with the weights and moments read into
-        `template` (a `Strategy.state_dict()` of the current run: its shapes and placements), so
-        DCP reshards them from whatever world size and backend saved them; "rng": this rank's RNG
-        states when it saved some (None on a rank the saving run did not have), for the caller to
-        restore right before training goes on. Collective."""
+    def load(self, path: Path, templates: dict[str, dict]) -> dict:
+        """The state of checkpoint `path`: its parts as saved, the sharded tensors of each part
+        in `templates` ({name: the part's `load_template()`: this run's shapes and placements})
+        read into that template, so DCP reshards them from whatever world size and backend saved
+        them; "rng": this rank's RNG states when it saved some (None on a rank the saving run did
+        not have), for the caller to restore right before training goes on. Collective."""
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-        weights, _ = split_weights({"strategy": template})
-        dcp.load(weights, checkpoint_id=path / WEIGHTS, no_dist=not dist.is_initialized())
-        state["strategy"]["model"] = weights["model"]
-        state["strategy"]["optimizer"]["state"] = weights["optim"]
+        sharded, _ = split_sharded(templates)
+        dcp.load(sharded, checkpoint_id=path / WEIGHTS, no_dist=not dist.is_initialized())
+        for name, template in templates.items():
+            state[name] = {**state.get(name, {}), SHARDED: {k: sharded[k] for k in template.get(SHARDED, {})}}
         own = path / f"rank{self.dims.rank:05d}.pt"
         state["rng"] = torch.load(own, weights_only=True)["rng"] if own.exists() else None
         return state

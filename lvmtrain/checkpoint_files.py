@@ -21,6 +21,11 @@ import torch.distributed.checkpoint as dcp
 STATE = "state.pt"
 WEIGHTS = "weights"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
+"""The key under which a stateful part's `state_dict()` puts its tensors that are large or sharded
+over ranks (weights, optimizer moments): saved through torch.distributed.checkpoint, each rank
+writing its own shards, and read back resharded into the part's `load_template()`. The rest of a
+part's state (small, the same on every rank) is saved by rank 0 in `state.pt`."""
 
 
 class CheckpointError(ValueError):
@@ -60,16 +65,15 @@ def newest_verified(checkpoints: Path, on_skip=None) -> tuple[Path, dict] | None
     return None
 
 
-def nonfinite_tensors(weights: dict) -> list[str]:
-    """Names ("model.NAME", "optim.NAME.exp_avg") of the floating-point tensors of `weights`
-    (`split_weights`' first part) that hold a NaN or inf, in order; only this rank's part of each
-    (its local shard of a DTensor).
+def nonfinite_tensors(sharded: dict) -> list[str]:
+    """Dotted names ("model.NAME", "optim.NAME.exp_avg") of the floating-point tensors of
+    `sharded` (`split_sharded`'s first part) that hold a NaN or inf, in order; only this rank's
+    part of each (its local shard of a DTensor).
 
     NOTE: min and max of each tensor, not `isfinite(t).all()`: NaN propagates through both and an
     inf is one of them, with no temporary the size of the tensor (0.05 s for ViT-B/16's weights
     and moments on one CPU thread); one device-to-host copy per device for all the results."""
-    named = [(f"model.{k}", t) for k, t in weights["model"].items()]
-    named += [(f"optim.{k}.{m}", t) for k, moments in weights["optim"].items() for m, t in moments.items()]
+    named = list(_leaves(sharded))
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
         t = t.to_local() if hasattr(t, "to_local") else t
@@ -82,10 +86,18 @@ def nonfinite_tensors(weights: dict) -> list[str]:
     return [name for name, _ in named if name in bad]
 
 
-def _state_bytes(weights: dict) -> int:
-    """Bytes the weights and moments take in a checkpoint (a DTensor counts whole, as saved)."""
-    tensors = list(weights["model"].values()) + [t for m in weights["optim"].values() for t in m.values()]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted name, value) of a nested dict's leaves, in order."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _state_bytes(sharded: dict) -> int:
+    """Bytes the sharded tensors take in a checkpoint (a DTensor counts whole, as saved)."""
+    return sum(t.numel() * t.element_size() for _, t in _leaves(sharded) if isinstance(t, torch.Tensor))
 
 
 def _is_disk_full(error: BaseException, path: Path, needed: int) -> bool:
@@ -150,12 +162,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def split_weights(state: dict) -> tuple[dict, dict]:
-    """({"model": weights, "optim": Adam moments by name}, everything else), without copying."""
-    strategy = dict(state["strategy"])
-    optimizer = dict(strategy["optimizer"])
-    weights = {"model": strategy.pop("model"), "optim": optimizer.pop("state")}
-    return weights, {**state, "strategy": {**strategy, "optimizer": optimizer}}
+def split_sharded(state: dict) -> tuple[dict, dict]:
+    """(the union of the parts' `SHARDED` trees: what DCP saves, the parts' other state: what
+    `state.pt` holds), without copying. `state` maps part names to their `state_dict()` (or to a
+    plain value: a counter); no two parts may use the same sharded key."""
+    sharded, rest = {}, {}
+    for name, part in state.items():
+        if isinstance(part, dict) and SHARDED in part:
+            clash = sorted(part[SHARDED].keys() & sharded.keys())
+            if clash:
+                raise ValueError(f"checkpoint part {name!r} reuses the sharded keys {clash} of another part")
+            sharded.update(part[SHARDED])
+            part = {k: v for k, v in part.items() if k != SHARDED}
+        rest[name] = part
+    return sharded, rest
 
 
 def _crash_point(name: str, step: int) -> None:

@@ -22,6 +22,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_optimizer_state)
 from torch import Tensor, nn
 
+from lvmtrain.checkpoint_files import SHARDED
 from lvmtrain.config.schema import ConfigError, OptimConfig, ParallelConfig
 from lvmtrain.distributed.dims import Dims
 from lvmtrain.distributed.strategy import AUTOCAST_DTYPES, compile_model, ensure_process_group
@@ -162,10 +163,8 @@ class DeepSpeedStrategy:
         step = torch.as_tensor(steps[0]).float().cpu() if steps else torch.tensor(0.0)
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
                   for g, names in zip(self.engine.optimizer.param_groups, self.group_names)]
-        return {"model": model,
-                "optimizer": {"state": {n: {"step": step.clone(), **m} for n, m in moments.items()},
-                              "param_groups": groups},
-                "scheduler": self.scheduler.state_dict(), "scaler": {}}
+        return {SHARDED: {"model": model, "optim": {n: {"step": step.clone(), **m} for n, m in moments.items()}},
+                "optimizer": {"param_groups": groups}, "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
     def load_template(self) -> dict:
         """Empty full-size fp32 tensors of every weight and moment (ZeRO's own are partitions)."""
@@ -173,14 +172,14 @@ class DeepSpeedStrategy:
         model.update({n: torch.empty_like(b, device="cpu") for n, b in self.engine.module.named_buffers()})
         moments = {n: {"step": torch.tensor(0.0), **{k: torch.empty(_shape(p)) for k in MOMENTS}}
                    for n, p in self._params()}
-        return {"model": model, "optimizer": {"state": moments, "param_groups": []},
+        return {SHARDED: {"model": model, "optim": moments}, "optimizer": {"param_groups": []},
                 "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [n for n, _ in self._params() if n not in state["model"]]
+        weights, opt_state = state[SHARDED]["model"], state[SHARDED]["optim"]
+        missing = [n for n, _ in self._params() if n not in weights]
         if missing:
             raise ConfigError(f"checkpoint lacks parameters {missing[:5]} of this model")
-        opt_state = state["optimizer"]["state"]
         steps = [s["step"] for s in opt_state.values() if "step" in s]
         base = self.engine.optimizer.optimizer
         # NOTE: ZeRO-3 hands its flat partitions to the optimizer only during step().
@@ -196,7 +195,7 @@ class DeepSpeedStrategy:
                                                     device=flat.device if base.defaults.get("fused") else "cpu")
         self._link_moments()
         for name, p in self._params():
-            value = state["model"][name].to(self.dims.device, torch.float32).reshape(_shape(p))
+            value = weights[name].to(self.dims.device, torch.float32).reshape(_shape(p))
             _set_full(p, value)
             for key in MOMENTS:
                 if name in opt_state:

@@ -4,12 +4,13 @@ The trainer only ever talks to a `Strategy`; it never asks which engine is behin
 
 Every strategy's `state_dict()` has the same layout, keyed by the plain model's parameter names,
 so a state saved under one engine loads under any other:
-    {"model": {name: tensor},
-     "optimizer": {"state": {name: {"step", "exp_avg", "exp_avg_sq"}},
-                   "param_groups": [{"params": [names], "lr", "weight_decay", ...}]},
+    {"sharded": {"model": {name: tensor},
+                 "optim": {name: {"step", "exp_avg", "exp_avg_sq"}}},
+     "optimizer": {"param_groups": [{"params": [names], "lr", "weight_decay", ...}]},
      "scheduler": LambdaLR state, "scaler": GradScaler state}
-(the optimizer part is `torch.distributed.checkpoint.state_dict`'s optimizer state dict). Tensors
-are as the engine holds them: DTensor shards under FSDP2, whole tensors under DDP and ZeRO;
+("optim" and "param_groups" are `torch.distributed.checkpoint.state_dict`'s optimizer state dict's
+"state" and "param_groups"). The tensors under "sharded" (`checkpoint_files.SHARDED`) are as the
+engine holds them: DTensor shards under FSDP2, whole tensors under DDP and ZeRO;
 torch.distributed.checkpoint saves and reshards either.
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lvmtrain.checkpoint_files import SHARDED
 from lvmtrain.config.schema import ConfigError, OptimConfig, ParallelConfig
 from lvmtrain.distributed.dims import Dims
 from lvmtrain.optim import build_optimizer, build_scheduler
@@ -180,8 +182,9 @@ class TorchStrategy:
 
         # NOTE: DTensor shards under FSDP2 (each rank saves its own), the tensors themselves under
         # DDP (saved once): no gathering, no copy.
-        return {"model": get_model_state_dict(self.plain),
-                "optimizer": get_optimizer_state_dict(self.plain, self.optimizer),
+        optimizer = get_optimizer_state_dict(self.plain, self.optimizer)
+        return {SHARDED: {"model": get_model_state_dict(self.plain), "optim": optimizer["state"]},
+                "optimizer": {"param_groups": optimizer["param_groups"]},
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_template(self) -> dict:
@@ -190,7 +193,8 @@ class TorchStrategy:
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_model_state_dict(self.plain, state["model"])
-        set_optimizer_state_dict(self.plain, self.optimizer, state["optimizer"])
+        set_model_state_dict(self.plain, state[SHARDED]["model"])
+        set_optimizer_state_dict(self.plain, self.optimizer,
+                                 {"state": state[SHARDED]["optim"], "param_groups": state["optimizer"]["param_groups"]})
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from lvmtrain.checkpoint import CheckpointError, CheckpointManager, verify
+from lvmtrain.checkpoint import SHARDED, CheckpointError, CheckpointManager, verify
 from lvmtrain.config.schema import CheckpointConfig
 from lvmtrain.export import load_weights
 from tests.conftest import OPEN_CLIP_DEBUG_CFG, read_metrics, run_lvmtrain
@@ -91,8 +91,7 @@ def test_retention_keeps_the_newest_and_the_marked(tmp_path):
     dims = type("Dims", (), {"is_main": True, "rank": 0, "world": 1, "device": torch.device("cpu")})()
     manager = CheckpointManager(CheckpointConfig(keep=2, keep_every=4), tmp_path, dims)
     for step in range(1, 10):
-        manager.save(step, {"strategy": {"model": {"w": torch.full((3,), float(step))},
-                                         "optimizer": {"state": {}, "param_groups": []}}})
+        manager.save(step, {"strategy": {SHARDED: {"model": {"w": torch.full((3,), float(step))}}}})
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000008", "step_00000009"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000009"
@@ -131,10 +130,29 @@ def test_exports_load_in_open_clip_and_safetensors(tmp_path, shards):
 def test_failed_background_save_surfaces_at_the_next_step(tmp_path):
     dims = type("Dims", (), {"is_main": True, "rank": 0, "world": 1, "device": torch.device("cpu")})()
     manager = CheckpointManager(CheckpointConfig(async_save=True), tmp_path, dims)
-    manager.save(1, {"strategy": {"model": {"w": torch.ones(3)}, "optimizer": {"state": {}, "param_groups": []}},
+    manager.save(1, {"strategy": {SHARDED: {"model": {"w": torch.ones(3)}}},
                      "bad": lambda: None})  # a lambda cannot be pickled: the write fails in the background
     with pytest.raises(CheckpointError, match="background checkpoint save failed"):
         for _ in range(100):
             manager.check()
             time.sleep(0.05)
     assert not (tmp_path / "checkpoints" / "step_00000001").exists()  # and it never became a checkpoint
+
+
+def test_named_parts_each_get_their_own_sharded_state_back(tmp_path):
+    """The manager knows no part's layout: any part's `SHARDED` tensors go through DCP and come
+    back into that part's template (a teacher model of a future task, say), its other state and
+    plain counters through state.pt; two parts may not claim one sharded key."""
+    dims = type("Dims", (), {"is_main": True, "rank": 0, "world": 1, "device": torch.device("cpu")})()
+    manager = CheckpointManager(CheckpointConfig(), tmp_path, dims)
+    state = {"strategy": {SHARDED: {"model": {"w": torch.arange(3.0)}}, "scheduler": {"n": 4}},
+             "task": {SHARDED: {"teacher": {"w": torch.full((2,), 7.0)}}, "momentum": 0.996}, "step": 5}
+    path = manager.save(5, state)
+    templates = {"strategy": {SHARDED: {"model": {"w": torch.zeros(3)}}},
+                 "task": {SHARDED: {"teacher": {"w": torch.zeros(2)}}}}
+    got = manager.load(path, templates)
+    assert torch.equal(got["strategy"][SHARDED]["model"]["w"], torch.arange(3.0)) and got["strategy"]["scheduler"] == {"n": 4}
+    assert torch.equal(got["task"][SHARDED]["teacher"]["w"], torch.full((2,), 7.0)) and got["task"]["momentum"] == 0.996
+    assert got["step"] == 5 and "model" not in got["task"][SHARDED]
+    with pytest.raises(ValueError, match=r"part 'task' reuses the sharded keys \['model'\]"):
+        manager.save(6, {**state, "task": {SHARDED: {"model": {"v": torch.ones(1)}}}})
