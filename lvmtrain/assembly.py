@@ -20,19 +20,20 @@ from lvmtrain.checkpoint import MANIFEST, STATE, CheckpointManager
 from lvmtrain.config.loader import config_hash, config_to_dict
 from lvmtrain.config.schema import Config, ConfigError
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
-from lvmtrain.data.loader import build_eval_loader, build_train_loader, preflight, train_order
+from lvmtrain.data.loader import build_train_loader, preflight, train_order
 from lvmtrain.data.order import Cursor, OrderVersionError, check_order_version
 from lvmtrain.data.shards import DataError, RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import Dims, barrier, from_rank0, init_distributed, set_deterministic
 from lvmtrain.distributed.strategy import Strategy, build_strategy
-from lvmtrain.evaluate import check_labels_cover
+from lvmtrain.evaluation import EvalSet, Evaluator, check_labels_cover, resolve_sets
+from lvmtrain.evaluation.sets import LEGACY
 from lvmtrain.metrics import MetricLogger, device_peak_flops, print0
 from lvmtrain.models.registry import build_model, text_context_length
 from lvmtrain.models.vit import unmask_patches_from
 from lvmtrain.preemption import restart_count
 from lvmtrain.rundir import LOCK, RunBusy, RunLock, check_resume, clear_run_dir, record_segment
-from lvmtrain.tasks import Task, build_task
+from lvmtrain.tasks import TASKS, Task, build_task, task_name
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RunParts:
     task: Task
     normalize: ImageNormalizer
     train_loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader | None
+    evaluator: Evaluator | None
     checkpoints: CheckpointManager
     logger: MetricLogger
     ledger: SampleLedger | None
@@ -73,7 +74,7 @@ def build_run(cfg: Config) -> RunParts:
     # input problems surface on every rank before the run directory exists.
     io = RemoteIO.from_config(cfg.data)
     train_shards = from_rank0(lambda: ShardSet.from_spec(cfg.data.train, io), DataError)
-    val_shards = from_rank0(lambda: ShardSet.from_spec(cfg.data.val, io), DataError) if cfg.data.val else None
+    eval_sets = resolve_sets(cfg, TASKS[task_name(cfg)].eval_kind, io)
     # NOTE: before the run directory: a backend that cannot work here says so first.
     strategy = build_strategy(cfg.parallel, dims, cfg.train.precision)
     global_batch = cfg.data.batch_size * dims.world * cfg.train.grad_accum_steps
@@ -91,7 +92,7 @@ def build_run(cfg: Config) -> RunParts:
     from_rank0(lock.acquire, RunBusy)
     try:
         return _build(cfg, dims, run_dir, lock if dims.is_main else None, strategy, checkpoints, train_shards,
-                      val_shards, total_steps, global_batch, steps_per_epoch)
+                      eval_sets, total_steps, global_batch, steps_per_epoch)
     except BaseException:
         # NOTE: a run that never started leaves nothing behind (only our lock was written)
         if created and dims.is_main and [p.name for p in run_dir.iterdir()] == [LOCK]:
@@ -99,8 +100,19 @@ def build_run(cfg: Config) -> RunParts:
         raise
 
 
+def build_task_and_model(cfg: Config, strategy: Strategy) -> tuple[Task, torch.nn.Module]:
+    """The run's objective and its plain model (built in the strategy's init context)."""
+    m = cfg.model
+    task = build_task(cfg, context_length=text_context_length(m.name, m.context_length))
+    with strategy.init_context():
+        model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes,
+                            global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
+                            context_length=m.context_length, patch_dropout=m.patch_dropout, **task.model_args())
+    return task, model
+
+
 def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strategy: Strategy,
-           checkpoints: CheckpointManager, train_shards: ShardSet, val_shards: ShardSet | None, total_steps: int,
+           checkpoints: CheckpointManager, train_shards: ShardSet, eval_sets: list[EvalSet], total_steps: int,
            global_batch: int, steps_per_epoch: int) -> RunParts:
     fresh = cfg.run.overwrite and restart_count() == 0  # NOTE: a restart resumes its own run
     resume = None if fresh else _find_resume(cfg, dims, checkpoints, global_batch, total_steps)
@@ -108,11 +120,7 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
         set_deterministic()
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    task = build_task(cfg, context_length=text_context_length(m.name, m.context_length))
-    with strategy.init_context():
-        model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes,
-                            global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
-                            context_length=m.context_length, patch_dropout=m.patch_dropout, **task.model_args())
+    task, model = build_task_and_model(cfg, strategy)
     model.set_grad_checkpointing(m.grad_checkpointing)
     flops_per_sample = model.flops_per_sample()
     step_hooks = []
@@ -127,10 +135,10 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
         train_shards, cfg.data, image_size=image_size, fields=task.fields, tokenizer=task.tokenizer,
         first=train_order(train_shards, cfg.data, cfg.train.seed, 0).slice(0, 4 * global_batch)), DataError),
         enabled=dims.is_main)
-    if val_shards is not None:  # NOTE: rank 0 reads the labels once; a refusal stops every rank
-        n_classes, key = task.eval_classes(model)
-        summary = from_rank0(lambda: check_labels_cover(val_shards, n_classes, key, label_key=cfg.data.label_key),
-                             ConfigError, DataError)
+    for s, (n_classes, key) in _known_classes(eval_sets, model):  # NOTE: rank 0 reads the labels once
+        source = "data.val" if s.name == LEGACY else f"eval set '{s.name}'"
+        summary = from_rank0(lambda: check_labels_cover(s.data, n_classes, key, source=source,
+                                                        label_key=cfg.data.label_key), ConfigError, DataError)
         print0(summary, enabled=dims.is_main)
 
     _prepare_run_dir(cfg, dims, run_dir, fresh=fresh, step=resume[1] if resume else 0)
@@ -149,8 +157,8 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
     train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=image_size, fields=task.fields,
                                       tokenizer=task.tokenizer, accum=cfg.train.grad_accum_steps,
                                       seed=cfg.train.seed, start=cursor)
-    eval_loader = None if val_shards is None else build_eval_loader(
-        val_shards, cfg.data, dims, image_size=image_size, batch_size=cfg.eval.batch_size)
+    evaluator = Evaluator(eval_sets, cfg.data, dims, image_size=image_size, batch_size=cfg.eval.batch_size,
+                          tokenizer=task.tokenizer) if eval_sets else None
     peak_flops, peak_source = device_peak_flops(dims.device, cfg.train.precision, cfg.log.peak_tflops)
     logger = MetricLogger(cfg.log, run_dir, enabled=dims.is_main, run_name=cfg.run.name, config=config_to_dict(cfg),
                           total_steps=total_steps, start_step=step, wandb_id=wandb_id)
@@ -160,12 +168,25 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
            f"({peak_source})", enabled=dims.is_main)
     return RunParts(
         cfg=cfg, dims=dims, run_dir=run_dir, lock=lock, strategy=strategy, task=task,
-        normalize=ImageNormalizer(cfg.data.mean, cfg.data.std), train_loader=train_loader, eval_loader=eval_loader,
+        normalize=ImageNormalizer(cfg.data.mean, cfg.data.std), train_loader=train_loader, evaluator=evaluator,
         checkpoints=checkpoints, logger=logger,
         ledger=SampleLedger(run_dir, dims.rank, step, dims.device) if cfg.data.ledger else None,
         bad_samples=bad_samples, total_steps=total_steps, global_batch=global_batch,
         peak_flops=peak_flops, step=step, samples_seen=samples_seen, cursor=cursor,
         step_hooks=step_hooks, rng=rng)
+
+
+def _known_classes(sets: list[EvalSet], model) -> list[tuple[EvalSet, tuple[int, str]]]:
+    """(set, (its classes, the key that sets them)) of the sets whose labels must lie below a known
+    count: checked before step 1."""
+    out = []
+    for s in sets:
+        where = "eval.class_names" if s.name == LEGACY else f"the class names of eval set '{s.name}'"
+        if s.kind == "classify":
+            out.append((s, (model.num_classes, "model.num_classes")))
+        elif s.class_names:
+            out.append((s, (len(s.class_names), where)))
+    return out
 
 
 def _find_resume(cfg: Config, dims: Dims, checkpoints: CheckpointManager, global_batch: int,

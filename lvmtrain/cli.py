@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from lvmtrain.checkpoint import CheckpointError
 from lvmtrain.config.schema import ConfigError, DataConfig
@@ -63,16 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = verbs.add_parser("ckpt", help="inspect a checkpoint, or export its weights")
     ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True)
     inspect = ckpt_verbs.add_parser("inspect", help="manifest and tensor summary of a checkpoint")
-    export = ckpt_verbs.add_parser("export", help="one safetensors file of the model weights, in our, "
-                                   "open_clip's or timm's names")
+    export = ckpt_verbs.add_parser("export", help="the model for use outside lvmtrain: our weights as one "
+                                   "safetensors file, or a folder open_clip / timm load as `local-dir:FOLDER`")
     for verb in (inspect, export):
         verb.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
         verb.add_argument("--allow-older", action="store_true", help="for a run directory whose newest "
                           "checkpoints fail verification: use the newest that verifies (named on stderr) "
                           "instead of exiting 2")
-    export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors")
-    export.add_argument("--out", help="output file (default: RUN/exports/step_XXXXXXXX-FORMAT.safetensors, "
-                        "outside checkpoints/, whose retention would delete it)")
+    export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors",
+                        help="safetensors: one file, our names; open_clip (CLIP models): a folder for "
+                        "open_clip.create_model_and_transforms('local-dir:FOLDER'); timm (ViTs): a folder for "
+                        "timm.create_model('local-dir:FOLDER', pretrained=True)")
+    export.add_argument("--out", help="output file, or folder for open_clip / timm (default: RUN/exports/"
+                        "step_XXXXXXXX-safetensors.safetensors or RUN/exports/step_XXXXXXXX-FORMAT/, outside "
+                        "checkpoints/, whose retention would delete it)")
 
     submit = verbs.add_parser("submit", help="submit a training job to Slurm (slurm/train.sbatch); prints the job id")
     submit.add_argument("config", help="YAML config file")
@@ -91,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
     submit.add_argument("--script", default=None, help="batch script (default: the repository's slurm/train.sbatch)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of running it")
+
+    evaluate = verbs.add_parser("eval", help="score a checkpoint on evaluation sets (zero-shot, retrieval, k-NN, "
+                                "linear probe, a classifier's head), sharded over torchrun's ranks")
+    evaluate.add_argument("path", help="checkpoint directory, a run directory (its newest checkpoint), or a "
+                          "safetensors file of `ckpt export`")
+    evaluate.add_argument("overrides", nargs="*", help="config keys over the checkpoint's, e.g. parallel.backend=fsdp "
+                          "eval.batch_size=512 data.workers=4")
+    evaluate.add_argument("--set", action="append", default=[], metavar="NAME=KIND:SHARDS[,key=value...]",
+                          help="a set to score (repeatable; default: the run's own data.val and eval.sets); KIND: "
+                          "zeroshot, retrieval, knn, linear or classify; keys as eval.sets[]'s, e.g. "
+                          "fmnist=knn:'test-{0..1}.tar',train='train-{0..11}.tar',k=20")
+    evaluate.add_argument("--out", default=None, help="JSON file of the scores (default: RUN/eval/step_X.json)")
+    evaluate.add_argument("--allow-older", action="store_true", help="for a run directory whose newest checkpoints "
+                          "fail verification: use the newest that verifies")
 
     report = verbs.add_parser("report", help="PNG plots and a markdown summary of runs from their metrics.jsonl")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (several: overlaid)")
@@ -233,6 +252,28 @@ def _submit(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from lvmtrain.distributed.dims import shutdown
+    from lvmtrain.evaluation.standalone import evaluate_checkpoint
+    from lvmtrain.export import resolve, run_dir_of
+
+    warn = lambda line: print(f"lvmtrain: warning: {line}", file=sys.stderr)  # noqa: E731
+    if args.path.endswith(".safetensors"):  # an export: scores beside it by default
+        ckpt = Path(args.path)
+        out = args.out or str(ckpt.with_suffix(".eval.json"))
+    else:
+        ckpt = resolve(args.path, allow_older=args.allow_older, warn=warn)[0]
+        out = args.out or str(run_dir_of(ckpt) / "eval" / f"{ckpt.name}.json")
+    try:
+        result = evaluate_checkpoint(str(ckpt), args.set, args.overrides, out=out)
+    finally:
+        shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result["scores"]))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _report(args) -> int:
     from lvmtrain.report import report
 
@@ -259,8 +300,6 @@ def _config(args) -> int:
     from lvmtrain.config.loader import config_reference_markdown, config_to_dict, load_config
 
     if args.what == "docs" and args.write:
-        from pathlib import Path
-
         path = Path(args.write)
         start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
         text = path.read_text()
@@ -277,7 +316,8 @@ def _config(args) -> int:
     return 0
 
 
-VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "submit": _submit, "report": _report, "models": _models,
+VERBS = {"train": _train, "data": _data, "ckpt": _ckpt, "eval": _eval, "submit": _submit, "report": _report,
+         "models": _models,
          "config": _config}
 
 if __name__ == "__main__":

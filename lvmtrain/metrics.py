@@ -34,6 +34,12 @@ PEAK_TFLOPS = {
 }
 
 
+def is_headline(key: str) -> bool:
+    """An evaluation set's headline score (eval/NAME/top1, or retrieval's recall@1 both ways):
+    shown on the console and plotted by `lvmtrain report`."""
+    return key.startswith("eval/") and key.endswith(("/top1", "/t2i_R@1", "/i2t_R@1"))
+
+
 def due(step: int, every: int, total: int) -> bool:
     """Is it time to log, evaluate or save? Every `every` steps (0: never), and at the last step."""
     return step == total or (every > 0 and step % every == 0)
@@ -218,7 +224,7 @@ class Progress:
     def show(self, step: int, values: dict) -> None:
         if self.bar is not None:
             self.bar.set_postfix({k: _short(v) for k, v in values.items()}, refresh=False)
-            if "eval/top1" in values:
+            if any(k.startswith("eval/") for k in values):
                 self.bar.write(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in values.items()]))
             return
         parts = [f"step {step}/{self.total}"] + [_fmt(k, v) for k, v in values.items()]

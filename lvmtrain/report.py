@@ -7,12 +7,13 @@ import statistics
 from pathlib import Path
 
 from lvmtrain.data.shards import DataError
-from lvmtrain.metrics import read_records
+from lvmtrain.metrics import is_headline, read_records
 
-# (file stem, title, y label, metric keys plotted; the first one present is used per run)
+# (file stem, title, y label, metric keys plotted; the first one present is used per run; None:
+# every evaluation score, one line per run and set)
 PLOTS = [
     ("loss", "Training loss", "loss", ["loss"]),
-    ("eval", "Evaluation", "top-1", ["eval/top1"]),
+    ("eval", "Evaluation", "top-1 / recall@1", None),
     ("lr", "Learning rate", "lr", ["lr"]),
     ("throughput", "Throughput", "samples/s (all devices)", ["samples_per_s"]),
     ("mfu", "Model FLOPs utilisation", "MFU", ["mfu"]),
@@ -45,6 +46,11 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def eval_keys(records: list[dict]) -> list[str]:
+    """The headline score of each evaluation set (eval/NAME/top1, or its recall@1 both ways)."""
+    return sorted({k for r in records for k in r if is_headline(k)})
+
+
 def report(run_dirs: list[str], out: str | None = None) -> Path:
     """Write the PNGs and `report.md` to `out` (default: the first run's `report/`); returns it."""
     try:
@@ -62,16 +68,18 @@ def report(run_dirs: list[str], out: str | None = None) -> Path:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         drawn = False
         for name, records in runs.items():
-            for key in keys:
+            for key in keys or eval_keys(records):
                 steps, values = series(records, key)
                 if steps:
-                    ax.plot(steps, values, label=name, marker="o" if len(steps) < 20 else None, linewidth=1.5)
+                    label = name if keys else f"{name} {key.removeprefix('eval/')}"
+                    ax.plot(steps, values, label=label, marker="o" if len(steps) < 20 else None, linewidth=1.5)
                     if stem == "eval" and len(steps) <= 10:  # few points: their values, readable
                         for x, y in zip(steps, values):
                             ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6),
                                         ha="center", fontsize="small")
                     drawn = True
-                    break
+                    if keys:
+                        break
         if drawn:
             ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
             if stem == "lr":
@@ -87,11 +95,11 @@ def report(run_dirs: list[str], out: str | None = None) -> Path:
 
 
 def summary(runs: dict[str, list[dict]], plots: list[str]) -> str:
-    lines = ["# Run report", "", "| run | steps | samples seen | final loss | eval top-1 | samples/s | MFU "
+    lines = ["# Run report", "", "| run | steps | samples seen | final loss | evaluation | samples/s | MFU "
              "| data wait | wall time |", "|---|---|---|---|---|---|---|---|---|"]
     for name, records in runs.items():
         _, loss = series(records, "loss")
-        _, top1 = series(records, "eval/top1")
+        finals = [(key, series(records, key)[1][-1]) for key in eval_keys(records)]
         _, speed = series(records, "samples_per_s")
         _, mfu = series(records, "mfu")
         _, wait = series(records, "data_wait_share")
@@ -100,7 +108,7 @@ def summary(runs: dict[str, list[dict]], plots: list[str]) -> str:
         wall = records[-1]["time"] - records[0]["time"] if len(records) > 1 else 0.0
         lines.append(" | ".join([
             f"| {name}", str(records[-1]["step"]), f"{int(seen[-1]):,}" if seen else "-",
-            f"{statistics.fmean(tail):.4g}" if tail else "-", f"{top1[-1]:.2%}" if top1 else "-",
+            f"{statistics.fmean(tail):.4g}" if tail else "-", ", ".join(f"{k.removeprefix('eval/')} {v:.2%}" for k, v in finals) or "-",
             f"{statistics.median(speed):,.0f}" if speed else "-", f"{statistics.median(mfu):.1%}" if mfu else "-",
             f"{statistics.median(wait):.1%}" if wait else "-", f"{wall / 60:.1f} min |"]))
     lines += ["", "Medians over the logged steps; final loss is the mean of the last tenth of them.", ""]

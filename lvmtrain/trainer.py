@@ -25,12 +25,13 @@ from lvmtrain.data.order import Cursor
 from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import Dims, all_reduce_max, all_reduce_mean, barrier
 from lvmtrain.distributed.strategy import Strategy
-from lvmtrain.metrics import MetricLogger, StepTimer, due, memory_metrics, print0
+from lvmtrain.evaluation import Evaluator
+from lvmtrain.metrics import MetricLogger, StepTimer, due, is_headline, memory_metrics, print0
 from lvmtrain.preemption import StopRequest
 from lvmtrain.rundir import RunLock
 from lvmtrain.tasks import Task
 
-CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "mfu", "eval/top1")
+CONSOLE_KEYS = ("loss", "lr", "samples_per_s", "mfu")
 # Values every rank holds identically (data/* counts are already summed over ranks): logged as
 # they are, not averaged over ranks.
 SHARED_KEYS = ("lr", "samples_seen", "epoch")
@@ -56,7 +57,7 @@ class Trainer:
     task: Task  # the objective: its loss over a step's micro-batches, its evaluation
     normalize: ImageNormalizer  # the loader's uint8 images -> the model's input, on the device
     train_loader: DataLoader
-    eval_loader: DataLoader | None
+    evaluator: Evaluator | None  # the eval sets (eval.sets, data.val), scored at eval.every
     checkpoints: CheckpointManager
     logger: MetricLogger
     ledger: SampleLedger | None  # the keys trained per step (data.ledger)
@@ -80,7 +81,7 @@ class Trainer:
         """From a run's parts, or a config to build them from (`build_run`, collective)."""
         parts = build_run(parts) if isinstance(parts, Config) else parts
         self._lock: RunLock | None = parts.lock
-        for name in ("cfg", "dims", "run_dir", "strategy", "task", "normalize", "train_loader", "eval_loader",
+        for name in ("cfg", "dims", "run_dir", "strategy", "task", "normalize", "train_loader", "evaluator",
                      "checkpoints", "logger", "ledger", "bad_samples", "total_steps", "global_batch",
                      "step_hooks", "peak_flops", "step", "samples_seen", "cursor"):
             setattr(self, name, getattr(parts, name))
@@ -159,11 +160,12 @@ class Trainer:
         return {**totals, "grad_norm": grad_norm}
 
     def _maybe_evaluate(self) -> None:
-        if self.eval_loader is None or not due(self.step, self.cfg.eval.every, self.total_steps):
+        if self.evaluator is None or not due(self.step, self.cfg.eval.every, self.total_steps):
             return
         self._stop_if_nonfinite()
-        self.last_eval = self.task.evaluate(self.strategy.unwrapped(), self.eval_loader, self.strategy, self.normalize)
-        self.logger.log(self.step, self.last_eval, console_keys=tuple(self.last_eval))
+        self.last_eval = self.evaluator(self.strategy.unwrapped(), normalize=self.normalize,
+                                        autocast=self.strategy.autocast)
+        self.logger.log(self.step, self.last_eval, console_keys=tuple(k for k in self.last_eval if is_headline(k)))
 
     def _note_nonfinite(self, metrics: dict[str, torch.Tensor]) -> None:
         """Remember the first step whose loss or gradient norm is NaN or inf, on the device (no

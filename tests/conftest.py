@@ -46,6 +46,27 @@ def shards(tmp_path_factory) -> dict:
             "classes": classes, "dir": out}
 
 
+@pytest.fixture(scope="session")
+def caption_shards(shards) -> str:
+    """A retrieval set made from the val shards: each image with two distinct captions, one per
+    line of its .txt."""
+    from lvmtrain.data.shards import ShardReader, ShardSet
+    from lvmtrain.data.writer import write_shard
+
+    val = ShardSet.from_spec(shards["val"])
+    reader, samples = ShardReader(), []
+    for position in range(len(val)):
+        url, sample, _ = val.sample(position)
+        files = {ext: reader.read(url, *sample.files[ext]) for ext in ("png", "json")}
+        name = json.loads(files["json"])["class_name"]
+        samples.append((sample.key, {"png": files["png"], "txt": f"a photo of a {name}.\na {name}, number {position}"}))
+    reader.close()
+    path = shards["dir"] / "captions" / "captions-00000.tar"
+    path.parent.mkdir(exist_ok=True)
+    write_shard(path, samples)
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

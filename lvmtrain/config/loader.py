@@ -23,9 +23,12 @@ import yaml
 from lvmtrain.config.schema import Config, ConfigError
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Build the run's config: dataclass defaults < YAML file at `path` < `key=value` overrides."""
+def load_config(path: str | None, overrides: list[str] = (), *, base: tuple[str, dict] | None = None) -> Config:
+    """Build the run's config: dataclass defaults < (`base`: (where from, a saved config's dict))
+    < YAML file at `path` < `key=value` overrides."""
     cfg = Config()
+    if base is not None:
+        _merge(cfg, base[1], source=base[0], prefix="")
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -158,6 +161,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # an entry of a list of sections (eval.sets)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' is a section; give it a mapping, not {value!r}")
+        entry = tp()
+        _merge(entry, value, source=source, prefix=f"{key}.")
+        return entry
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -211,13 +220,26 @@ def config_reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         lines += [f"### `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        entries = []
         for f in dataclasses.fields(cls):
             default = getattr(getattr(defaults, section.name), f.name)
-            tp = _pretty_type(hints[f.name])
-            doc = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
-            lines.append(f"| `{section.name}.{f.name}` | {tp} | `{default!r}` | {doc} |")
+            lines.append(_reference_row(f"{section.name}.{f.name}", hints[f.name], default, docs.get(f.name, "")))
+            if typing.get_origin(hints[f.name]) is list and dataclasses.is_dataclass(typing.get_args(hints[f.name])[0]):
+                entries.append((f"{section.name}.{f.name}[]", typing.get_args(hints[f.name])[0]))
         lines.append("")
+        for prefix, entry in entries:  # a list of sections: the keys of one entry
+            entry_hints, entry_docs = typing.get_type_hints(entry), field_docs(entry)
+            lines += [f"#### `{prefix}`", "", inspect.cleandoc(entry.__doc__ or ""), "",
+                      "| key | type | default | meaning |", "|---|---|---|---|"]
+            lines += [_reference_row(f"{prefix}.{f.name}", entry_hints[f.name], getattr(entry(), f.name),
+                                     entry_docs.get(f.name, "")) for f in dataclasses.fields(entry)]
+            lines.append("")
     return "\n".join(lines)
+
+
+def _reference_row(key: str, tp: Any, default: Any, doc: str) -> str:
+    doc = " ".join(doc.split()).replace("|", "\\|")
+    return f"| `{key}` | {_pretty_type(tp)} | `{default!r}` | {doc} |"
 
 
 def _pretty_type(tp: Any) -> str:

@@ -242,13 +242,52 @@ class LogConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """One evaluation set of `eval.sets`: its scores go to eval/NAME/..."""
+
+    name: str = ""
+    """Its name in the metrics (eval/NAME/top1); letters, digits, - and _."""
+    kind: Literal["zeroshot", "retrieval", "knn", "linear", "classify"] = "zeroshot"
+    """zeroshot: image-text models, labelled shards scored against class prompts (top-1, top-5,
+    mean per-class recall); retrieval: image-caption shards, several captions per image one per
+    line of the caption (recall@1/5/10 both ways); knn: weighted k-NN of frozen image features
+    against `train`'s (DINO's); linear: a logistic-regression probe of frozen image features
+    fitted on `train`; classify: the model's own classifier head."""
+    data: str = ""
+    """Shards scored (a spec as data.train's, or a dataset index .json)."""
+    train: str = ""
+    """knn and linear: labelled shards of the memory bank / the probe's training split."""
+    class_names: list[str] = field(default_factory=list)
+    """zeroshot: class names by label (or `class_names_file`)."""
+    class_names_file: str = ""
+    """A file of class names: one per line, or JSON (a list, or an object with "class_names")."""
+    templates: list[str] = field(default_factory=list)
+    """zeroshot prompts, `{}` the class name (embeddings averaged); empty: `templates_file`, else
+    eval.templates."""
+    templates_file: str = ""
+    """A file of prompts, one per line, or a built-in set: openai_imagenet (the CLIP paper's 80)."""
+    k: int = 20
+    """knn: neighbours voting."""
+    temperature: float = 0.07
+    """knn: votes are weighted by exp(cosine similarity / temperature)."""
+    probe_steps: int = 100
+    """linear: L-BFGS iterations of the full-batch logistic regression (on standardised features)."""
+    probe_weight_decay: list[float] = field(default_factory=lambda: [1e-4])
+    """linear: L2 penalty; several: each is fitted on 90% of `train`, the best on the other 10% is
+    refitted on all of it."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 0
     """Evaluate every N optimizer steps (0: only at the end of training)."""
     batch_size: int = 256
     """Evaluation batch size per rank."""
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    """Named evaluation sets, each scored at every evaluation (the `eval.sets[]` table below);
+    data.val with eval.class_names is the set `val` of the task's kind."""
     class_names: list[str] = field(default_factory=list)
-    """Class names, indexed by label, for CLIP zero-shot classification."""
+    """Class names, indexed by label, for CLIP zero-shot classification of data.val."""
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     """Zero-shot prompt templates; `{}` is replaced by the class name, embeddings are averaged."""
 
@@ -347,6 +386,9 @@ class Config:
             raise ConfigError("model.num_classes: CLIP presets have no classifier head")
         if family == "clip" and self.data.val and not self.eval.class_names:
             raise ConfigError("eval.class_names: CLIP zero-shot evaluation of data.val needs the class names")
+        from lvmtrain.evaluation.sets import check_set_configs
+
+        check_set_configs(self, family)
         par = self.parallel
         if par.backend == "deepspeed" and par.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: {par.zero_stage}; DeepSpeed ZeRO stages are 1, 2 and 3")

@@ -24,6 +24,10 @@ class Batch:
     """Token ids [B, context], when the task reads captions."""
     label: Tensor | None = None
     """Class indices [B], when the task reads labels."""
+    index: Tensor | None = None
+    """Each sample's position in its shard set (int64 [B]): evaluation orders gathered features by it."""
+    captions: list[str] | None = None
+    """The raw captions, when the evaluation reads them (retrieval: one caption per line)."""
     cursor: tuple[int, int] | None = None
     """(epoch, consumed) of the data position after this batch (training batches only)."""
     release_buffer: Callable[[], None] | None = None

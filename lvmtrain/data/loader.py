@@ -54,7 +54,7 @@ class _SampleDecoder:
             raise BadSample("unreadable_sample", url, sample.key, str(e).removeprefix(f"{url}: ")) from None
         if decoded["image"] is None:
             del decoded["image"]
-        decoded["shard"] = url
+        decoded["shard"], decoded["index"] = url, index
         return decoded
 
     def hold_blocks(self, indices, slack: int = 16 << 10) -> None:
@@ -110,16 +110,19 @@ class _SampleDecoder:
             slots[j] = slots[j - len(good)]
         return Batch(image=images[:len(samples)], keys=[s["key"] for s in good], shards=[s["shard"] for s in good],
                      skipped=[{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad],
-                     text=self.tokenizer([s["text"] for s in samples]) if self.fields.caption else None,
+                     text=self.tokenizer([s["text"] for s in samples]) if self.tokenizer and self.fields.caption else None,
+                     captions=[s["text"] for s in samples] if self.fields.caption and not self.tokenizer else None,
                      label=torch.tensor([s["label"] for s in samples]) if self.fields.label else None,
-                     release_buffer=release)
+                     index=torch.tensor([s["index"] for s in samples], dtype=torch.int64), release_buffer=release)
 
     def empty_batch(self) -> Batch:
         """A batch of no samples (evaluation padding), shaped like the others."""
         side = self.transform.image_size
         return Batch(image=torch.empty((0, side, side, 3), dtype=torch.uint8), keys=[], shards=[],
                      label=torch.empty(0, dtype=torch.long) if self.fields.label else None,
-                     text=self.tokenizer([]) if self.fields.caption else None)
+                     text=self.tokenizer([]) if self.tokenizer and self.fields.caption else None,
+                     captions=[] if self.fields.caption and not self.tokenizer else None,
+                     index=torch.empty(0, dtype=torch.int64))
 
 
 class SharedBuffers:
@@ -232,26 +235,27 @@ class TrainBatches(IterableDataset):
 
 
 class EvalBatches(IterableDataset):
-    """Every sample once, in shard order; rank r takes the r-th contiguous share.
+    """Every sample once, in batches of consecutive positions dealt round-robin over the ranks
+    (batch b: positions b*B .. (b+1)*B - 1, on rank b % world). A sample's batch is the same
+    whatever the world size, so its features are too, to the bit: a sharded evaluation decides
+    exactly as one process.
 
-    Every rank yields the same number of batches (a shorter share ends with empty ones): under
+    Every rank yields the same number of batches (a rank with fewer ends with empty ones): under
     sharding backends each forward is a collective that all ranks must join.
     """
 
     def __init__(self, decoder: _SampleDecoder, *, rank: int, world: int, batch_size: int):
-        n = len(decoder.shards)
-        self.decoder = decoder
-        self.lo, self.hi = n * rank // world, n * (rank + 1) // world
-        self.batches = -(-(-(-n // world)) // batch_size)  # ceil(ceil(n / world) / batch_size)
-        self.batch_size = batch_size
+        self.decoder, self.rank, self.world, self.batch_size = decoder, rank, world, batch_size
+        self.n = len(decoder.shards)
+        self.batches = -(-(-(-self.n // batch_size)) // world)  # ceil(ceil(n / batch_size) / world) per rank
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for i in range(self.batches):
             if i % workers == worker:
-                lo = self.lo + i * self.batch_size
-                hi = min(lo + self.batch_size, self.hi)
+                lo = (i * self.world + self.rank) * self.batch_size
+                hi = min(lo + self.batch_size, self.n)
                 yield self.decoder.batch(range(lo, hi), fill=False) if lo < hi else self.decoder.empty_batch()
 
 
@@ -277,7 +281,8 @@ def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, fields: tup
     """A decoder of the images and of what the task reads (`fields`: "text", "label")."""
     if "text" in fields and tokenizer is None:
         raise ValueError("a task that reads captions (\"text\") must give a tokenizer")
-    fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if "text" in fields else None,
+    reads_captions = "text" in fields or "captions" in fields  # "captions": as text, not tokens
+    fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if reads_captions else None,
                     label=cfg.label_key if "label" in fields else None)
     transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
     return _SampleDecoder(shards, fields, transform, tokenizer, RemoteIO.from_config(cfg))
@@ -294,8 +299,11 @@ def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, fields: 
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
 
 
-def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_size: int) -> DataLoader:
-    dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, fields=("label",)),
+def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_size: int,
+                      fields: tuple[str, ...] = ("label",)) -> DataLoader:
+    """This rank's share of an evaluation set (cfg: DataConfig), centre-cropped, with `fields`
+    ("label", "captions": the raw caption text)."""
+    dataset = EvalBatches(_decoder(shards, cfg, image_size, train=False, fields=fields),
                           rank=dims.rank, world=dims.world, batch_size=batch_size)
     return make_loader(dataset, workers=cfg.workers, pin_memory=dims.device.type == "cuda")
 

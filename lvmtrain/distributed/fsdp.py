@@ -10,7 +10,8 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 
 from lvmtrain.distributed.strategy import TorchStrategy, ensure_process_group, transformer_blocks
 from lvmtrain.metrics import print0
@@ -45,6 +46,11 @@ class FSDPStrategy(TorchStrategy):
             # (zero-shot evaluation) gather what they need without going through the root's forward.
             fully_shard(tower, **kwargs)
         fully_shard(model, **kwargs)
+        for method in ("encode_image", "encode_text"):
+            # NOTE: evaluation calls these instead of forward: they gather the root's own shards
+            # (a ViT's patch embedding, CLIP's logit scale) only when registered
+            if hasattr(model, method):
+                register_fsdp_forward_method(model, method)
         if self.cfg.meta_init:
             # NOTE: each rank initialises only its shards; the values differ from a plain build
             # with the same seed (the random streams are cut differently), not their distribution.

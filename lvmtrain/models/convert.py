@@ -193,3 +193,54 @@ def load_open_clip(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         converted["text.pos_embed"] = pos[:, :context_length].contiguous()
     _check_complete(model, converted, "open_clip", _open_clip_name)
     model.load_state_dict(converted, strict=True)
+
+
+# NOTE: timm builds a `local-dir:` export by calling a registered model function with the saved
+# `model_args` on top of its own, so any plain-ViT name would do; the nearest one names the shape.
+TIMM_ARCHITECTURES = {
+    "vit_debug": "vit_tiny_patch16_224",
+    "vit_ti16": "vit_tiny_patch16_224",
+    "vit_s16": "vit_small_patch16_224",
+    "vit_b32": "vit_base_patch32_224",
+    "vit_b16": "vit_base_patch16_224",
+    "vit_l14": "vit_large_patch14_224",
+    "vit_h14": "vit_huge_patch14_224",
+    "vit_g14": "vit_giant_patch14_224",
+}
+
+
+def timm_model_args(cfg) -> dict:
+    """timm `VisionTransformer` keyword arguments building the ViT of `cfg` (a resolved
+    `registry.ViTConfig`): our defaults (qkv bias, patch bias, LayerNorm eps 1e-6, no pre-norm,
+    fc_norm exactly when pooling by the mean) are timm's."""
+    return {"img_size": cfg.image_size, "patch_size": cfg.patch_size, "embed_dim": cfg.width, "depth": cfg.depth,
+            "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "num_classes": cfg.num_classes,
+            "global_pool": cfg.global_pool, "class_token": True}
+
+
+def open_clip_model_cfg(cfg, logit_bias: float | None = None) -> dict:
+    """open_clip's `model_cfg` (`CLIP(**model_cfg)`) of the CLIP of `cfg` (a resolved
+    `registry.CLIPConfig`); `logit_bias`: the SigLIP bias, when the model has one.
+
+    Raises ValueError for what open_clip's own towers cannot compute: a vision tower without the
+    class token (SigLIP's mean pooling): open_clip's `VisionTransformer` always prepends one, and
+    every patch attends to it, so no setting gives the same features.
+    """
+    if cfg.pool != "token":
+        raise ValueError(
+            f"the image tower pools by {cfg.pool!r} without a class token; open_clip's VisionTransformer "
+            "always has a class token that every patch attends to (pool_type='avg' averages the patches "
+            "but keeps it), so no open_clip config computes this model's image features")
+    vision, text = cfg.vision, cfg.text
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": cfg.act == "quick_gelu",
+        "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
+                       "layers": vision.depth, "head_width": vision.width // vision.num_heads,
+                       "mlp_ratio": vision.mlp_ratio},
+        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                     "heads": text.num_heads, "layers": text.depth, "mlp_ratio": text.mlp_ratio},
+    }
+    if logit_bias is not None:
+        model_cfg["init_logit_bias"] = logit_bias
+    return model_cfg

@@ -260,6 +260,10 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def encode_image(self, x: Tensor) -> Tensor:
+        """The pooled image features before the head (k-NN and linear probes score these)."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
     def forward_macs(self, train: bool = True) -> int:
         """Multiply-accumulates of one image's forward; `train` counts the blocks on the tokens
         left by patch dropout, `train=False` on all of them (eval). The patch embedding runs on

@@ -21,6 +21,8 @@ class Task(Protocol):
     """Batch fields it reads besides "image" ("label", "text"): the loader decodes these and only these."""
     tokenizer: Callable | None
     """Captions -> token ids, when it reads "text"."""
+    eval_kind: str
+    """The kind of evaluation set data.val is scored as (`eval.sets[].kind`: zeroshot, classify...)."""
 
     @classmethod
     def from_config(cls, cfg, *, context_length: int | None = None) -> Task:
@@ -31,16 +33,9 @@ class Task(Protocol):
         temperature and bias init): built with the model, so every backend shards, syncs and
         checkpoints them, meta-device and ZeRO-3 init included."""
 
-    def eval_classes(self, model: nn.Module) -> tuple[int, str]:
-        """(classes its evaluation scores, the config key that sets them): data.val's labels must
-        lie below it (checked before step 1)."""
-
     def train_step(self, strategy: Strategy, batches: list[Batch]) -> dict[str, Tensor]:
         """Forward and backward of one optimizer step's micro-batches (already on the device);
         returns metrics on the device, "loss" among them (the optimizer step is the trainer's)."""
-
-    def evaluate(self, model: nn.Module, loader, strategy: Strategy, normalize) -> dict[str, float]:
-        """Its evaluation on the validation loader ("eval/..." metrics); collective."""
 
     def state_dict(self) -> dict:
         """What it must carry across a resume besides the model (nothing for stateless losses)."""

@@ -1,4 +1,4 @@
-"""Image classification: cross-entropy with optional label smoothing, scored by top-1."""
+"""Image classification: cross-entropy with optional label smoothing, scored by its own head."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvmtrain.data.batch import Batch
-from lvmtrain.evaluate import top1
 from lvmtrain.tasks.base import accumulate
 
 
@@ -16,6 +15,7 @@ class ClassifyTask:
     name = "classify"
     fields = ("label",)
     tokenizer = None
+    eval_kind = "classify"
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
@@ -27,10 +27,6 @@ class ClassifyTask:
     def model_args(self) -> dict:
         return {}
 
-    def eval_classes(self, model: nn.Module) -> tuple[int, str]:
-        """(classes scored in evaluation, the config key that sets them)."""
-        return model.num_classes, "model.num_classes"
-
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         logits = model(batch.image).float()
         loss = F.cross_entropy(logits, batch.label, label_smoothing=self.label_smoothing)
@@ -40,10 +36,6 @@ class ClassifyTask:
     def train_step(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
         # NOTE: a mean of per-sample losses: micro-batches accumulate exactly
         return accumulate(strategy, batches, self)
-
-    def evaluate(self, model: nn.Module, loader, strategy, normalize) -> dict[str, float]:
-        result = top1(model, loader, strategy.dims.device, autocast=strategy.autocast, normalize=normalize)
-        return {"eval/top1": result["top1"], "eval/samples": result["samples"]}
 
     def state_dict(self) -> dict:
         return {}

@@ -1,5 +1,5 @@
 """Image-text objectives whose loss couples the samples of a batch (each is the others' negative):
-CLIP's symmetric InfoNCE, and the base SigLIP shares (gradient cache, zero-shot evaluation).
+CLIP's symmetric InfoNCE, and the base SigLIP shares (the gradient cache).
 
 InfoNCE: each rank scores its own images and texts against the whole global batch (all-gathered
 with gradients, as open_clip's `gather_with_grad` + `local_loss`). The mean over ranks of these
@@ -17,7 +17,6 @@ from torch.distributed import _functional_collectives as fc
 
 from lvmtrain.checkpoint_files import rng_state, set_rng_state
 from lvmtrain.data.batch import Batch
-from lvmtrain.evaluate import top1, zero_shot_weights
 from lvmtrain.tasks.base import accumulate
 
 # NOTE: torch >= 2.11 names it *_single_*; the older name is kept for torch 2.6-2.10.
@@ -53,30 +52,27 @@ class ContrastiveTask:
     """An image-text objective: `features` of a micro-batch, `loss` of features. Subclasses name
     their `scalar_keys` (the learnable temperature, a bias: shared by every sample) and `loss`.
 
-    Accumulated micro-batches are scored together, as one batch (`train_step`), and evaluated by
-    zero-shot classification of data.val with the class names' text embeddings.
+    Accumulated micro-batches are scored together, as one batch (`train_step`); data.val is
+    evaluated by zero-shot classification with the class names' text embeddings.
     """
 
     name = "contrastive"
     fields = ("text",)
+    eval_kind = "zeroshot"
     feature_keys = ("image_features", "text_features")
     scalar_keys: tuple[str, ...] = ()
 
-    def __init__(self, tokenizer, class_names: list[str], templates: list[str]):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.class_names, self.templates = class_names, templates
 
     @classmethod
     def from_config(cls, cfg, *, context_length: int | None = None) -> ContrastiveTask:
         from lvmtrain.data.tokenizer import CLIPTokenizer
 
-        return cls(CLIPTokenizer(context_length=context_length), cfg.eval.class_names, cfg.eval.templates)
+        return cls(CLIPTokenizer(context_length=context_length))
 
     def model_args(self) -> dict:
         return {}
-
-    def eval_classes(self, model: nn.Module) -> tuple[int, str]:
-        return len(self.class_names), "eval.class_names"
 
     def features(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         out = model(batch.image, batch.text)
@@ -129,12 +125,6 @@ class ContrastiveTask:
                 strategy.backward(surrogate)
         set_rng_state(after)
         return {k: v.detach() for k, v in out.items()}
-
-    def evaluate(self, model: nn.Module, loader, strategy, normalize) -> dict[str, float]:
-        device = strategy.dims.device
-        classifier = zero_shot_weights(model, self.tokenizer, self.class_names, self.templates, device)
-        result = top1(model, loader, device, classifier=classifier, autocast=strategy.autocast, normalize=normalize)
-        return {"eval/top1": result["top1"], "eval/samples": result["samples"]}
 
     def state_dict(self) -> dict:
         return {}

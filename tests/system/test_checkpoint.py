@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from lvmtrain.checkpoint import SHARDED, CheckpointError, CheckpointManager, verify
 from lvmtrain.config.schema import CheckpointConfig
 from lvmtrain.export import load_weights
-from tests.conftest import OPEN_CLIP_DEBUG_CFG, read_metrics, run_lvmtrain
+from tests.conftest import read_metrics, run_lvmtrain
 
 
 def vit(tmp_path, shards, name, *extra):
@@ -97,34 +98,95 @@ def test_retention_keeps_the_newest_and_the_marked(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000009"
 
 
-def test_exports_load_in_open_clip_and_safetensors(tmp_path, shards):
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import load_file
-
-    from lvmtrain.data.tokenizer import CLIPTokenizer
-    from lvmtrain.models.registry import build_model
-
+def clip(tmp_path, shards, name, *extra):
     run_lvmtrain(["train", "configs/debug/clip.yaml", f"data.train={shards['train']}", "data.val=",
                   "data.batch_size=32", "data.workers=0", "train.steps=2", "train.epochs=0",
-                  f"log.dir={tmp_path}", "run.name=c"])
-    ours = build_model("clip_debug", image_size=28, patch_size=7, context_length=16).eval()
-    plain = tmp_path / "plain.safetensors"
-    run_lvmtrain(["ckpt", "export", str(tmp_path / "c"), "--out", str(plain)])
-    ours.load_state_dict(load_file(plain))
-    oc_file = tmp_path / "oc.safetensors"
-    run_lvmtrain(["ckpt", "export", str(tmp_path / "c"), "--format", "open_clip", "--out", str(oc_file)])
-    cfg = {**OPEN_CLIP_DEBUG_CFG, "vision_cfg": {**OPEN_CLIP_DEBUG_CFG["vision_cfg"], "image_size": 28, "patch_size": 7},
-           "text_cfg": {**OPEN_CLIP_DEBUG_CFG["text_cfg"], "context_length": 16}}
-    ref = open_clip.CLIP(**cfg).eval()
-    ref.load_state_dict(load_file(oc_file), strict=False)  # attn_mask is a buffer open_clip rebuilds
+                  f"log.dir={tmp_path}", f"run.name={name}", *extra])
+    return tmp_path / name
+
+
+def assert_open_clip_matches(folder, ours):
+    """The export loads with open_clip's `local-dir:` alone, and computes what `ours` does."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    from lvmtrain.data.tokenizer import CLIPTokenizer
+
+    ref, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    ref.eval()
+    assert preprocess(Image.new("L", (40, 30))).shape == (3, 28, 28)  # a grey 40x30 image: RGB, the model's size
+    captions = ["a photo of a bag", "a shoe", "a coat", "a dress"]
+    tokens = open_clip.get_tokenizer(f"local-dir:{folder}")(captions)
+    assert torch.equal(tokens, CLIPTokenizer(context_length=16)(captions))
     images = torch.randn(4, 3, 28, 28)
-    tokens = CLIPTokenizer(context_length=16)(["a photo of a bag", "a shoe", "a coat", "a dress"])
     with torch.no_grad():
         torch.testing.assert_close(ref.encode_image(images), ours.encode_image(images), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ref.encode_text(tokens), ours.encode_text(tokens), rtol=1e-4, atol=1e-5)
-        assert torch.allclose(ref.logit_scale.reshape(1), ours.logit_scale)
-    inspect = run_lvmtrain(["ckpt", "inspect", str(tmp_path / "c")]).stdout
+    assert torch.allclose(ref.logit_scale.reshape(1), ours.logit_scale)
+    return ref
+
+
+def test_exports_load_in_open_clip_and_safetensors(tmp_path, shards):
+    from safetensors.torch import load_file
+
+    from lvmtrain.models.registry import build_model
+
+    run = clip(tmp_path, shards, "c")
+    ours = build_model("clip_debug", image_size=28, patch_size=7, context_length=16).eval()
+    plain = tmp_path / "plain.safetensors"
+    run_lvmtrain(["ckpt", "export", str(run), "--out", str(plain)])
+    ours.load_state_dict(load_file(plain))
+    for _ in range(2):  # the second export replaces the first
+        folder = run_lvmtrain(["ckpt", "export", str(run), "--format", "open_clip"]).stdout.strip()
+    assert folder == str(run / "exports" / "step_00000002-open_clip")
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["step_00000002-open_clip"]
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["open_clip_config.json",
+                                                                            "open_clip_model.safetensors"]
+    assert assert_open_clip_matches(folder, ours).logit_bias is None
+    inspect = run_lvmtrain(["ckpt", "inspect", str(run)]).stdout
     assert "clip_debug" in inspect and "7,768,833 parameters" in inspect and '"backend": "ddp"' in inspect
+
+
+def test_siglip_exports_to_open_clip_only_with_a_class_token(tmp_path, shards):
+    """The sigmoid loss's logit bias travels; siglip_* presets' image tower (mean of the patch
+    tokens, no class token) has no open_clip form: refused, saying why."""
+    from lvmtrain.models.registry import build_model
+
+    run = clip(tmp_path, shards, "b", "train.task=siglip")
+    ours = build_model("clip_debug", image_size=28, patch_size=7, context_length=16, init_logit_bias=0.0).eval()
+    ours.load_state_dict(load_weights(run / "checkpoints" / "step_00000002")[1])
+    run_lvmtrain(["ckpt", "export", str(run), "--format", "open_clip", "--out", str(tmp_path / "oc")])
+    ref = assert_open_clip_matches(tmp_path / "oc", ours)
+    assert torch.allclose(ref.logit_bias.reshape(1), ours.logit_bias)
+
+    run = clip(tmp_path, shards, "s", "model.name=siglip_debug")
+    proc = run_lvmtrain(["ckpt", "export", str(run), "--format", "open_clip"], check=False)
+    assert proc.returncode == 2
+    assert "siglip_debug has no open_clip form" in proc.stderr and "class token" in proc.stderr, proc.stderr
+    assert not (run / "exports").exists()
+
+
+def test_timm_export_loads_with_timm_alone(tmp_path, straight):
+    timm = pytest.importorskip("timm")
+    from lvmtrain.models.registry import build_model
+
+    ckpt = straight / "checkpoints" / "step_00000006"
+    run_lvmtrain(["ckpt", "export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")])
+    ref = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    ours = build_model("vit_debug", image_size=28, patch_size=7, num_classes=10, global_pool="avg").eval()
+    ours.load_state_dict(load_weights(ckpt)[1])
+    images = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(images), ours(images), rtol=1e-4, atol=1e-5)
+    data = timm.data.resolve_data_config({}, model=ref)
+    assert data["input_size"] == (3, 28, 28) and data["mean"] == [0.5] * 3 and data["crop_pct"] == 1.0
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    proc = run_lvmtrain(["ckpt", "export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "notes")],
+                        check=False)
+    assert proc.returncode == 2 and "is not an export of this format" in proc.stderr, proc.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"  # refused, nothing deleted
 
 
 def test_failed_background_save_surfaces_at_the_next_step(tmp_path):

@@ -27,10 +27,10 @@ def test_demo_clip_zero_shot(demo_data, tmp_path):
     proc = subprocess.run(["bash", "launch/demo.sh", f"log.dir={tmp_path}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = [m for m in read_metrics(tmp_path / "clip_debug") if "eval/top1" in m][-1]
+    final = [m for m in read_metrics(tmp_path / "clip_debug") if "eval/val/top1" in m][-1]
     print(proc.stdout.splitlines()[-1], final)
-    assert final["eval/samples"] == 10000
-    assert final["eval/top1"] >= 0.75
+    assert final["eval/val/samples"] == 10000
+    assert final["eval/val/top1"] >= 0.75
 
     # the README's pictures of the demo run
     run_lvmtrain(["report", str(tmp_path / "clip_debug")])
@@ -45,7 +45,7 @@ def test_debug_vit_classifier(demo_data, tmp_path):
     meta = json.loads((demo_data / "dataset.json").read_text())
     run_lvmtrain(["train", "configs/debug/vit.yaml", f"data.train={meta['train']}", f"data.val={meta['test']}",
                   f"log.dir={tmp_path}", "run.name=vit_debug", "train.epochs=1"], nproc=2, timeout=1200)
-    final = [m for m in read_metrics(tmp_path / "vit_debug") if "eval/top1" in m][-1]
+    final = [m for m in read_metrics(tmp_path / "vit_debug") if "eval/val/top1" in m][-1]
     print(final)
-    assert final["eval/samples"] == 10000
-    assert final["eval/top1"] >= 0.80
+    assert final["eval/val/samples"] == 10000
+    assert final["eval/val/top1"] >= 0.80

@@ -77,7 +77,7 @@ def test_wandb_history_is_metrics_jsonl_in_one_run_without_gaps_or_repeats(track
     assert 0 < last["mfu"] < 1 and last["mem/peak_rss_gb"] > 0.1
     phases = last["time/data_wait_s"] + last["time/fwd_bwd_s"] + last["time/optimizer_s"]
     assert 0.5 * last["time/step_s"] < phases <= 1.01 * last["time/step_s"]
-    assert "eval/top1" in jsonl[-1]
+    assert "eval/val/top1" in jsonl[-1]
 
     records = wandb_records(files[-1])
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")

@@ -28,11 +28,11 @@ def test_run_directory_holds_config_metrics_checkpoints_and_eval(tmp_path, shard
     metrics = read_metrics(run)
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps == list(range(4, 48, 4)) + [48]  # 1536 samples // 32 = 48 steps
-    evals = [m for m in metrics if "eval/top1" in m]
-    assert len(evals) == 1 and evals[0]["eval/samples"] == 512 and evals[0]["eval/top1"] > 0.15  # chance: 0.1
+    evals = [m for m in metrics if "eval/val/top1" in m]
+    assert len(evals) == 1 and evals[0]["eval/val/samples"] == 512 and evals[0]["eval/val/top1"] > 0.15  # chance: 0.1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000040", "step_00000048"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000048"
-    assert '"eval/top1"' in proc.stdout.splitlines()[-1]
+    assert '"eval/val/top1"' in proc.stdout.splitlines()[-1]
 
 
 def test_kill_9_then_resume_continues_the_same_run(tmp_path, shards):

@@ -96,12 +96,19 @@ def test_clip_batches_carry_tokens_and_eval_sees_every_sample_once(shards, train
     assert batch.image.shape == (4, 28, 28, 3) and batch.image.dtype == torch.uint8 and batch.text.shape == (4, 16)
     assert batch.cursor == (0, 4)
     val = ShardSet.from_spec(shards["val"])
-    seen = []
+    seen, batches, positions = [], [], []
     for rank in range(3):
-        for b in build_eval_loader(val, DataConfig(train="x", workers=0), dims(rank, 3), image_size=28, batch_size=100):
+        got = list(build_eval_loader(val, DataConfig(train="x", workers=0), dims(rank, 3), image_size=28,
+                                     batch_size=100))
+        batches.append(len(got))
+        for b in got:
             seen += b.keys
+            positions.append(b.index.tolist())
             assert b.image is not None and b.label is not None and b.text is None
     assert len(seen) == len(set(seen)) == 512
+    assert batches == [2, 2, 2]  # 6 batches of 100 positions, one empty: every rank runs as many forwards
+    # a batch holds the same positions on any world size (so the same features, to the bit)
+    assert sorted(p for p in positions if p) == [list(range(lo, min(lo + 100, 512))) for lo in range(0, 512, 100)]
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "I;16"])

@@ -16,11 +16,11 @@ import torch
 
 from lvmtrain.config.schema import ConfigError, DataConfig
 from lvmtrain.data.check import check_shards
-from lvmtrain.data.loader import build_eval_loader, build_train_loader
+from lvmtrain.data.loader import build_train_loader
 from lvmtrain.data.order import Cursor
 from lvmtrain.data.shards import DataError, RemoteIO, ShardSet
 from lvmtrain.data.transforms import ImageNormalizer
-from lvmtrain.evaluate import check_labels_cover, top1
+from lvmtrain.evaluation import EvalSet, Evaluator, check_labels_cover
 from lvmtrain.models.registry import build_model
 from tests.conftest import run_lvmtrain
 from tests.unit.test_data import _RangeHandler
@@ -229,16 +229,19 @@ def test_train_refuses_class_names_that_miss_labels_before_step_1(shards, tmp_pa
 
 @pytest.mark.parametrize("family", ["vit", "clip"])
 def test_evaluation_refuses_labels_past_the_classes(shards, family):
+    from lvmtrain.data.tokenizer import CLIPTokenizer
+
     val = ShardSet.from_spec(shards["val"])
-    loader = build_eval_loader(val, DataConfig(train="x", workers=0), dims(), image_size=28, batch_size=256)
     torch.manual_seed(0)
     if family == "vit":
-        model, classifier, key = build_model("vit_debug", image_size=28, patch_size=7, num_classes=5), None, \
-            "model.num_classes"
+        model, key = build_model("vit_debug", image_size=28, patch_size=7, num_classes=5), "model.num_classes"
+        s = EvalSet(name="val", kind="classify", data=val)
     else:
-        model = build_model("clip_debug", image_size=28, patch_size=7, context_length=16)
-        classifier, key = torch.nn.functional.normalize(torch.randn(model.embed_dim, 5), dim=0), "eval.class_names"
+        model, key = build_model("clip_debug", image_size=28, patch_size=7, context_length=16), "eval.class_names"
+        s = EvalSet(name="val", kind="zeroshot", data=val, class_names=list("abcde"), templates=["a {}"])
+    evaluator = Evaluator([s], DataConfig(train="x", workers=0), dims(), image_size=28, batch_size=256,
+                          tokenizer=CLIPTokenizer(context_length=16))
     with pytest.raises(DataError, match=rf"evaluation: \d+ of 512 samples of data.val have a label outside 0\.\.4 "
                                         rf"\(largest label 9; e\.g\. label \d of sample '\w+' in .*val-00000\.tar\), "
                                         rf"but there are 5 classes \({key}\)"):
-        top1(model, loader, torch.device("cpu"), classifier=classifier, normalize=ImageNormalizer([0.5] * 3, [0.5] * 3))
+        evaluator(model, normalize=ImageNormalizer([0.5] * 3, [0.5] * 3))

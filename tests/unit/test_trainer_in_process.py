@@ -22,7 +22,7 @@ def test_a_run_trains_in_process(tmp_path, shards, task):
     assert parts.task.name == task and parts.task.fields == ("text",)
     trainer = Trainer(parts)
     result = trainer.train()
-    assert trainer.step == 4 and result["eval/samples"] == 512
+    assert trainer.step == 4 and result["eval/val/samples"] == 512
     logged = [m for m in read_metrics(tmp_path / "r") if "loss" in m]
     assert [m["step"] for m in logged] == [2, 4]
     assert ("logit_bias" in logged[-1]) == (task == "siglip")
