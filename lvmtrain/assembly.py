@@ -104,10 +104,18 @@ def build_task_and_model(cfg: Config, strategy: Strategy) -> tuple[Task, torch.n
     """The run's objective and its plain model (built in the strategy's init context)."""
     m = cfg.model
     task = build_task(cfg, context_length=text_context_length(m.name, m.context_length))
+    args = dict(image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes, global_pool=m.global_pool,
+                drop_path_rate=m.drop_path_rate, context_length=m.context_length, patch_dropout=m.patch_dropout)
     with strategy.init_context():
-        model = build_model(m.name, image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes,
-                            global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
-                            context_length=m.context_length, patch_dropout=m.patch_dropout, **task.model_args())
+        backbone = build_model(m.name, **{**args, **task.model_args()})
+        if m.init_from:  # NOTE: before wrapping: DINO's teacher starts as this student
+            from lvmtrain.models.init_from import init_backbone
+
+            if any(p.is_meta or hasattr(p, "ds_numel") for p in backbone.parameters()):
+                raise ConfigError("model.init_from with parallel.meta_init: the weights load into a whole model; "
+                                  "set parallel.meta_init=false")
+            print0(init_backbone(backbone, m.init_from), enabled=strategy.dims.is_main)
+        model = task.wrap_model(backbone)
     return task, model
 
 
@@ -121,6 +129,7 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     task, model = build_task_and_model(cfg, strategy)
+    task.total_steps = total_steps
     model.set_grad_checkpointing(m.grad_checkpointing)
     flops_per_sample = model.flops_per_sample()
     step_hooks = []
@@ -130,9 +139,11 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     strategy.setup(model, cfg.optim, total_steps, micro_batch=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
     image_size = model.image_size
+    # NOTE: the crops a task's "views" field asks the loader for (DINO's global and local crops)
+    views = task.crops if "views" in task.fields else None
     # NOTE: rank 0 alone plans the first 4 global batches (524k positions at 4,096 ranks) and probes them
     print0(from_rank0(lambda: preflight(
-        train_shards, cfg.data, image_size=image_size, fields=task.fields, tokenizer=task.tokenizer,
+        train_shards, cfg.data, image_size=image_size, fields=task.fields, tokenizer=task.tokenizer, views=views,
         first=train_order(train_shards, cfg.data, cfg.train.seed, 0).slice(0, 4 * global_batch)), DataError),
         enabled=dims.is_main)
     for s, (n_classes, key) in _known_classes(eval_sets, model):  # NOTE: rank 0 reads the labels once
@@ -155,7 +166,7 @@ def _build(cfg: Config, dims: Dims, run_dir: Path, lock: RunLock | None, strateg
         cursor, wandb_id, rng = Cursor.from_state(state["cursor"]), state.get("wandb_id"), state["rng"]
         print0(f"resumed from {resume[0]} at step {step}", enabled=dims.is_main)
     train_loader = build_train_loader(train_shards, cfg.data, dims, image_size=image_size, fields=task.fields,
-                                      tokenizer=task.tokenizer, accum=cfg.train.grad_accum_steps,
+                                      tokenizer=task.tokenizer, views=views, accum=cfg.train.grad_accum_steps,
                                       seed=cfg.train.seed, start=cursor)
     evaluator = Evaluator(eval_sets, cfg.data, dims, image_size=image_size, batch_size=cfg.eval.batch_size,
                           tokenizer=task.tokenizer) if eval_sets else None

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         verb.add_argument("--allow-older", action="store_true", help="for a run directory whose newest "
                           "checkpoints fail verification: use the newest that verifies (named on stderr) "
                           "instead of exiting 2")
+    export.add_argument("--teacher", action="store_true", help="dino runs: the teacher's backbone instead of "
+                        "the student's (open_clip / timm formats)")
     export.add_argument("--format", choices=["safetensors", "open_clip", "timm"], default="safetensors",
                         help="safetensors: one file, our names; open_clip (CLIP models): a folder for "
                         "open_clip.create_model_and_transforms('local-dir:FOLDER'); timm (ViTs): a folder for "
@@ -235,7 +237,8 @@ def _ckpt(args) -> int:
     if args.ckpt_verb == "inspect":
         print(export.inspect(args.path, allow_older=args.allow_older, warn=warn))
     else:
-        print(export.export(args.path, args.format, args.out, allow_older=args.allow_older, warn=warn))
+        print(export.export(args.path, args.format, args.out, allow_older=args.allow_older, warn=warn,
+                            teacher=args.teacher))
     return 0
 
 

@@ -75,11 +75,13 @@ def check_export_path(target: Path, warn=None) -> None:
             return
 
 
-def weight_shapes(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{parameter name: (shape, dtype)} of a checkpoint's model, from DCP's metadata alone."""
+def weight_shapes(ckpt: Path, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{parameter name: (shape, dtype)} of a checkpoint's model, from DCP's metadata alone; with
+    `prefix` (a task's backbone, e.g. MAE's "encoder."), only the names under it, stripped of it."""
     meta = dcp.FileSystemReader(str(ckpt / WEIGHTS)).read_metadata().state_dict_metadata
-    return {key.removeprefix("model."): (tuple(m.size), m.properties.dtype) for key, m in meta.items()
-            if key.startswith("model.") and isinstance(m, dcp.TensorStorageMetadata)}
+    start = f"model.{prefix}"
+    return {key.removeprefix(start): (tuple(m.size), m.properties.dtype) for key, m in meta.items()
+            if key.startswith(start) and isinstance(m, dcp.TensorStorageMetadata)}
 
 
 def read_weight(ckpt: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -91,10 +93,11 @@ def read_weight(ckpt: Path, name: str, shape: tuple[int, ...], dtype: torch.dtyp
     return tensor
 
 
-def iter_weights(ckpt: Path):
-    """(name, tensor) of the model's weights, one tensor in memory at a time."""
-    for name, (shape, dtype) in weight_shapes(ckpt).items():
-        yield name, read_weight(ckpt, name, shape, dtype)
+def iter_weights(ckpt: Path, prefix: str = ""):
+    """(name, tensor) of the model's weights (under `prefix`, stripped of it), one tensor in memory
+    at a time."""
+    for name, (shape, dtype) in weight_shapes(ckpt, prefix).items():
+        yield name, read_weight(ckpt, prefix + name, shape, dtype)
 
 
 def load_weights(ckpt: Path) -> tuple[dict, dict, dict]:
@@ -128,7 +131,8 @@ FOLDER_FORMATS = {"open_clip": ("open_clip_config.json", "open_clip_model.safete
 `open_clip.create_model_and_transforms` and `timm.create_model` read from a `local-dir:PATH`."""
 
 
-def export(path: str, fmt: str, out: str | None = None, *, allow_older: bool = False, warn=None) -> Path:
+def export(path: str, fmt: str, out: str | None = None, *, allow_older: bool = False, warn=None,
+           teacher: bool = False) -> Path:
     """Write the model of a checkpoint (or a run's newest) for use outside lvmtrain; returns the path.
 
     `safetensors`: one file of the weights in our names. `open_clip` (CLIP models): a folder that
@@ -155,16 +159,30 @@ def export(path: str, fmt: str, out: str | None = None, *, allow_older: bool = F
     if fmt == "timm" and family != "vit":
         raise CheckpointError(f"{ckpt}: --format timm needs a ViT model, this is {family} "
                               "(open_clip's format holds CLIP's towers)")
+    prefix = backbone_prefix(config, teacher=teacher)
     describe = {"open_clip": _open_clip_config, "timm": _timm_config}[fmt]
-    folder_config = describe(ckpt, config, resolved_model(ckpt, config["model"]))
+    folder_config = describe(ckpt, config, resolved_model(ckpt, config["model"], prefix))
     rename = {"open_clip": lvm_to_open_clip, "timm": lvm_to_timm}[fmt]
     config_name, weights_name = FOLDER_FORMATS[fmt]
     write_folder(target, {config_name: lambda p: p.write_text(json.dumps(folder_config, indent=2) + "\n"),
-                          weights_name: lambda p: write_safetensors(ckpt, rename, p, metadata)})
+                          weights_name: lambda p: write_safetensors(ckpt, rename, p, metadata, prefix)})
     return target
 
 
-def resolved_model(ckpt: Path, model: dict):
+def backbone_prefix(config: dict, *, teacher: bool = False) -> str:
+    """Where the plain model's weights lie in a run's checkpoint: "" but for objectives that wrap
+    it (MAE's encoder, DINO's student or, with `teacher`, its teacher)."""
+    from lvmtrain.tasks import TASKS, task_name
+    from lvmtrain.config.loader import load_config
+
+    task = TASKS[task_name(load_config(None, [], base=("checkpoint", config)))]
+    prefix = getattr(task, "teacher_prefix", None) if teacher else task.backbone_prefix
+    if prefix is None:
+        raise CheckpointError(f"--teacher: a {task.name} run has no teacher")
+    return prefix
+
+
+def resolved_model(ckpt: Path, model: dict, prefix: str = ""):
     """The preset of a run's `model` config with its overrides applied (registry.ViTConfig or
     CLIPConfig), checked against the checkpoint's tensors: a config that does not describe the
     weights is refused rather than exported as a model that will not load."""
@@ -173,7 +191,9 @@ def resolved_model(ckpt: Path, model: dict):
     def given(*keys):
         return {k: model[k] for k in keys if model.get(k) is not None}
 
-    preset, shapes = get_preset(model["name"]), weight_shapes(ckpt)
+    preset, shapes = get_preset(model["name"]), weight_shapes(ckpt, prefix)
+    if not isinstance(preset, CLIPConfig) and "head.weight" not in shapes:
+        model = {**model, "num_classes": 0}  # a self-supervised backbone: features, no classifier
     bias = {"init_logit_bias": 0.0} if "logit_bias" in shapes else {}
     if isinstance(preset, CLIPConfig):
         cfg = dataclasses.replace(preset, vision=dataclasses.replace(preset.vision, **given("image_size", "patch_size")),
@@ -272,14 +292,14 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.bool: "BOOL"}
 
 
-def write_safetensors(ckpt: Path, rename, path: Path, metadata: dict[str, str]) -> None:
+def write_safetensors(ckpt: Path, rename, path: Path, metadata: dict[str, str], prefix: str = "") -> None:
     """The checkpoint's weights in the safetensors format, one tensor in memory at a time.
 
     NOTE: `safetensors.torch.save_file` wants every tensor in memory at once (and then a byte copy
     of each); here the header is computed from DCP's metadata, and each tensor is read, renamed
     (`rename`: one tensor -> {name: tensor} in the target's names) and written in turn.
     """
-    shapes = weight_shapes(ckpt)
+    shapes = weight_shapes(ckpt, prefix)
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, (shape, dtype) in shapes.items():
@@ -294,7 +314,7 @@ def write_safetensors(ckpt: Path, rename, path: Path, metadata: dict[str, str]) 
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name, tensor in iter_weights(ckpt):
+        for name, tensor in iter_weights(ckpt, prefix):
             for t in (rename({name: tensor}) if rename else {name: tensor}).values():
                 f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     tmp.replace(path)

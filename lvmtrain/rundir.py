@@ -87,8 +87,11 @@ def die_with_launcher() -> None:
 def resume_differences(saved: dict, current: dict, allowed: list[str]) -> list[str]:
     """Dotted keys whose value differs between two resolved configs and may not (`old -> new`)."""
     old, new = flatten(saved), flatten(current)
+    defaults = flatten(config_to_dict(Config()))
+    # NOTE: a key the saved config lacks (added by a later lvmtrain) at its default changes nothing
     return [f"{k} ({old.get(k, '-')!r} -> {new.get(k, '-')!r})" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not may_change_on_resume(k, allowed)]
+            if old.get(k) != new.get(k) and not may_change_on_resume(k, allowed)
+            and not (k not in old and new.get(k) == defaults.get(k))]
 
 
 def check_resume(cfg: Config, checkpoint: Path, saved: dict, saved_world: int, *, world: int,

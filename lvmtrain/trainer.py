@@ -157,6 +157,7 @@ class Trainer:
             totals = self.task.train_step(self.strategy, batches)
         with self.timer("optimizer"):
             grad_norm = self.strategy.step()
+            self.task.on_step_end(self.strategy)
         return {**totals, "grad_norm": grad_norm}
 
     def _maybe_evaluate(self) -> None:
@@ -194,7 +195,9 @@ class Trainer:
 
     def _to_device(self, batch: Batch) -> Batch:
         out = batch.to(self.dims.device, self.task.fields)
-        out.image = self.normalize(out.image)  # a new tensor: the loader's buffer is free
+        image, out.image = out.image, self.normalize(out.image)  # a new tensor: the loader's buffer is free
+        if out.views is not None:  # views[0] is the image: normalised once
+            out.views = [out.image if v is image else self.normalize(v) for v in out.views]
         batch.release()
         return out
 

@@ -76,7 +76,9 @@ def identity_hash(cfg: Config) -> str:
     """sha256 of the keys a resume must keep (see schema.RESUMABLE): what the run learns, not where."""
     from lvmtrain.config.schema import may_change_on_resume
 
-    kept = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not may_change_on_resume(k)}
+    # NOTE: keys at their default are left out: a key a later lvmtrain adds does not rename runs
+    defaults = flatten(config_to_dict(Config()))
+    kept = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not may_change_on_resume(k) and v != defaults.get(k)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 

@@ -3,13 +3,12 @@
 Every field has a docstring right under it: `lvmtrain config docs` turns them into the config
 reference in README.md, so the documentation is the schema. Defaults < YAML file < dotted CLI
 overrides; the loader (`config/loader.py`) refuses unknown keys and wrong types, and
-`TrainConfig.validate()` holds every cross-field check in one place.
+`Config.validate()` (`config/checks.py`) holds every cross-field check in one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 
@@ -39,8 +38,8 @@ class RunConfig:
 # or be named in run.allow_changes. A trailing ".*" covers a whole section.
 RESUMABLE = ("run.*", "train.steps", "train.epochs", "train.threads", "train.grad_accum_steps",
              "data.batch_size", "data.workers", "data.ledger", "data.max_bad_fraction", "data.val",
-             "data.io_timeout_s", "data.io_retries", "model.grad_checkpointing", "parallel.*", "checkpoint.*",
-             "log.*", "eval.*")
+             "data.io_timeout_s", "data.io_retries", "model.grad_checkpointing", "model.init_from", "parallel.*",
+             "checkpoint.*", "log.*", "eval.*")
 
 
 def may_change_on_resume(key: str, allowed: list[str] | tuple[str, ...] = ()) -> bool:
@@ -70,6 +69,10 @@ class ModelConfig:
     """FLIP patch dropout (Li et al. 2023): the fraction of each training image's patch tokens
     dropped at random before the image tower's blocks (class token kept; none in evaluation).
     0.5 halves the image tower's compute; FLOPs and MFU count the tokens kept."""
+    init_from: str = ""
+    """Start the ViT (a classifier's, MAE's encoder, DINO's student and teacher) from these weights:
+    an lvmtrain run or checkpoint directory, a `ckpt export` safetensors file, or timm's weights
+    (model.safetensors, or a folder holding it); a head the weights lack keeps its init."""
     patch_dropout_unmasked: float = 0.0
     """The fraction of training's last steps run with patch dropout off (FLIP's unmasked tuning: it
     wins back part of the accuracy dropout costs; 0.1: the last 10%)."""
@@ -242,6 +245,48 @@ class LogConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Self-supervised objectives of ViTs: MAE (`train.task=mae`) and DINOv2-style
+    self-distillation (`train.task=dino`)."""
+
+    mask_ratio: float = 0.75
+    """mae: the fraction of each image's patches hidden from the encoder (drawn per image)."""
+    decoder_width: int = 0
+    """mae: the decoder's width (0: 512, or the encoder's width if smaller)."""
+    decoder_depth: int = 0
+    """mae: the decoder's blocks (0: 8, or the encoder's depth if smaller)."""
+    norm_pix_loss: bool = True
+    """mae: the target is each patch's pixels normalised by their own mean and variance."""
+    local_crops: int = 8
+    """dino: local crops per image besides the 2 global ones."""
+    local_size: int = 0
+    """dino: local crops' side (0: 96/224 of model.image_size, a multiple of the patch size)."""
+    global_scale_min: float = 0.32
+    """dino: the smallest area of a global crop (local crops take 0.05 up to it)."""
+    out_dim: int = 65536
+    """dino: prototypes of the DINO head (the debug config uses far fewer)."""
+    head_hidden: int = 2048
+    """dino: the head's MLP width."""
+    head_bottleneck: int = 256
+    """dino: the head's bottleneck before the weight-normalised prototypes."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    """dino: the teacher's softmax temperature after its warm-up from `warmup_teacher_temp`."""
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+    """dino: steps of the teacher temperature's linear warm-up (0: 30% of training)."""
+    momentum_start: float = 0.992
+    """dino: the teacher's EMA momentum at step 1, rising to `momentum_end` on a cosine."""
+    momentum_end: float = 1.0
+    centering: Literal["sinkhorn", "centering"] = "sinkhorn"
+    """dino: how the teacher's outputs are balanced: Sinkhorn-Knopp (DINOv2) or a running centre (DINO)."""
+    center_momentum: float = 0.9
+    """dino with centering: the centre's EMA momentum."""
+    koleo_weight: float = 0.1
+    """dino: KoLeo regulariser of the class tokens (0: off)."""
+
+
+@dataclass
 class EvalSetConfig:
     """One evaluation set of `eval.sets`: its scores go to eval/NAME/..."""
 
@@ -303,8 +348,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init, data order and augmentation; the same seed gives the same run."""
     task: str = ""
-    """The objective: classify (`vit_*`), clip (InfoNCE) or siglip (sigmoid loss) for image-text
-    presets; empty: the preset's own (`lvmtrain models`)."""
+    """The objective: classify, mae or dino (self-supervised, `ssl.*`) for `vit_*` presets; clip
+    (InfoNCE) or siglip (sigmoid loss) for image-text presets; empty: the preset's own
+    (`lvmtrain models`)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for forward/backward (weights and optimizer stay fp32). bf16 is fast on
     recent GPUs and very slow on CPUs without bf16 units."""
@@ -326,100 +372,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def validate(self) -> None:
-        """Every check that spans fields, in one place; raises ConfigError naming the key."""
-        from lvmtrain.models.registry import list_presets, model_family
+        """Every check that spans fields, in one place (`config/checks.py`); raises ConfigError
+        naming the key."""
+        from lvmtrain.config.checks import validate
 
-        if self.model.name not in list_presets():
-            import difflib
-
-            near = difflib.get_close_matches(self.model.name, list_presets(), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(f"model.name: unknown preset '{self.model.name}'{hint}")
-        family = model_family(self.model.name)
-        from lvmtrain.tasks import check_task
-
-        check_task(self)
-        if not 0.0 <= self.model.patch_dropout < 1.0:
-            raise ConfigError(f"model.patch_dropout: {self.model.patch_dropout} must be in [0, 1)")
-        if not 0.0 <= self.model.patch_dropout_unmasked <= 1.0:
-            raise ConfigError(f"model.patch_dropout_unmasked: {self.model.patch_dropout_unmasked} must be in [0, 1]")
-        if not self.data.train:
-            raise ConfigError("data.train: no training shards given (e.g. data.train=/data/{000..009}.tar)")
-        if self.train.steps < 0 or self.train.epochs < 0:
-            raise ConfigError("train.steps / train.epochs: must be >= 0 (set one of them to a positive value)")
-        if self.train.steps == 0 and self.train.epochs == 0:
-            raise ConfigError("train.steps / train.epochs: set one of them to a positive value")
-        for key in ("image_size", "patch_size", "num_classes", "context_length"):
-            if getattr(self.model, key) is not None and getattr(self.model, key) <= 0:
-                raise ConfigError(f"model.{key}: must be > 0 (or null for the preset's)")
-        _positive(self, "data.batch_size", "train.grad_accum_steps", "log.every", "eval.batch_size",
-                  "checkpoint.keep", "data.shuffle_block", "data.shuffle_window")
-        if self.checkpoint.every_minutes < 0 or self.checkpoint.keep_every < 0 or self.checkpoint.every < 0:
-            raise ConfigError("checkpoint.every / every_minutes / keep_every: must be >= 0 (0 turns it off)")
-        if self.data.workers < 0:
-            raise ConfigError("data.workers: must be >= 0")
-        if self.data.io_timeout_s <= 0 or self.data.io_retries < 0:
-            raise ConfigError("data.io_timeout_s must be > 0 and data.io_retries >= 0")
-        sources = len([p for p in self.data.train.split("::") if p.strip()])
-        if self.data.train_weights and (len(self.data.train_weights) != sources
-                                        or min(self.data.train_weights) <= 0):
-            raise ConfigError(f"data.train_weights: give {sources} positive weight(s), one per '::'-separated "
-                              f"source of data.train, not {self.data.train_weights}")
-        if not 0 <= self.data.max_bad_fraction <= 1:
-            raise ConfigError("data.max_bad_fraction: must be in [0, 1]")
-        if not 0 < self.data.crop_scale_min <= 1:
-            raise ConfigError("data.crop_scale_min: must be in (0, 1]")
-        if len(self.data.mean) != 3 or len(self.data.std) != 3:
-            raise ConfigError("data.mean / data.std: give three values (R, G, B)")
-        if len(self.optim.betas) != 2:
-            raise ConfigError("optim.betas: give two values [beta1, beta2]")
-        if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
-            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
-        patch = self.model.patch_size
-        if self.model.image_size and patch and self.model.image_size % patch:
-            raise ConfigError(f"model.image_size {self.model.image_size} is not divisible by model.patch_size {patch}")
-        if family == "vit" and self.model.context_length is not None:
-            raise ConfigError("model.context_length: only CLIP presets have a text tower")
-        if family == "clip" and self.model.num_classes is not None:
-            raise ConfigError("model.num_classes: CLIP presets have no classifier head")
-        if family == "clip" and self.data.val and not self.eval.class_names:
-            raise ConfigError("eval.class_names: CLIP zero-shot evaluation of data.val needs the class names")
-        from lvmtrain.evaluation.sets import check_set_configs
-
-        check_set_configs(self, family)
-        par = self.parallel
-        if par.backend == "deepspeed" and par.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage: {par.zero_stage}; DeepSpeed ZeRO stages are 1, 2 and 3")
-        if par.backend == "deepspeed" and par.offload_params and par.zero_stage != 3:
-            raise ConfigError("parallel.offload_params: DeepSpeed offloads parameters only with "
-                              "parallel.zero_stage=3")
-        if par.backend != "deepspeed" and par.deepspeed_config:
-            raise ConfigError("parallel.deepspeed_config: only read with parallel.backend=deepspeed")
-        if par.deepspeed_config and not Path(par.deepspeed_config).is_file():
-            raise ConfigError(f"parallel.deepspeed_config: {par.deepspeed_config} not found")
-        if par.meta_init and par.backend == "ddp":
-            raise ConfigError("parallel.meta_init: needs a sharding backend (parallel.backend=fsdp or deepspeed "
-                              "with zero_stage=3); DDP holds the whole model on every rank anyway")
-        if par.meta_init and par.backend == "deepspeed" and par.zero_stage != 3:
-            raise ConfigError("parallel.meta_init: DeepSpeed builds the model sharded (zero.Init) only with "
-                              "parallel.zero_stage=3")
-        if par.backend == "fsdp" and self.train.precision == "fp16":
-            raise ConfigError("train.precision=fp16 with parallel.backend=fsdp: use bf16 (FSDP2 has no "
-                              "fp16 loss scaling here), or ddp / deepspeed for fp16")
-        if self.model.grad_checkpointing < 0:
-            raise ConfigError("model.grad_checkpointing: 0 (off) or N to recompute every N-th block")
-        for key in self.run.allow_changes:
-            section, _, name = key.partition(".")
-            if not hasattr(getattr(self, section, None), name) or section == key:
-                raise ConfigError(f"run.allow_changes: '{key}' is not a config key (write section.key, e.g. optim.lr)")
-        if self.checkpoint.resume not in ("auto", "none") and not self.checkpoint.resume:
-            raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
-
-
-def _positive(cfg: Config, *keys: str) -> None:
-    for key in keys:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"{key}: must be > 0")
+        validate(self)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvmtrain.data.batch import Batch
+from lvmtrain.data.multicrop import MultiCropTransform
 from lvmtrain.data.order import Cursor, EpochOrder
 from lvmtrain.data.sample import BadSample, Fields, read_sample
 from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet
@@ -23,20 +24,22 @@ from lvmtrain.preemption import ignore_stop_signals
 
 
 class _SampleDecoder:
-    def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform, tokenizer=None,
-                 io: RemoteIO | None = None):
+    def __init__(self, shards: ShardSet, fields: Fields, transform: ImageTransform | MultiCropTransform,
+                 tokenizer=None, io: RemoteIO | None = None):
         self.shards = shards
         self.fields = fields
         self.transform = transform
+        self.views = isinstance(transform, MultiCropTransform)
+        self.sizes = transform.sizes if self.views else (transform.image_size,)
         self.tokenizer = tokenizer
         self.io = io
         self.reader: ShardReader | None = None
         self.buffers: SharedBuffers | None = None
 
-    def __call__(self, index: int, uniforms=None, out: np.ndarray | None = None) -> dict:
-        """Decode sample `index`, its image into `out` when given (else into "image");
-        `uniforms` drive the training augmentation. A sample that cannot be used raises
-        `BadSample` with its kind (`read_sample` decides)."""
+    def __call__(self, index: int, uniforms=None, out: np.ndarray | list[np.ndarray] | None = None) -> dict:
+        """Decode sample `index`, its image (or its multi-crop views: a list) into `out` when given,
+        else into "image"; `uniforms` drive the training augmentation. A sample that cannot be
+        used raises `BadSample` with its kind (`read_sample` decides)."""
         if self.reader is None:
             self.reader = ShardReader(io=self.io)
         url, sample, problem = self.shards.sample(index)
@@ -52,7 +55,7 @@ class _SampleDecoder:
             # costs its samples, while a dead server soon fills a whole batch (a DataError) or the
             # data.max_bad_fraction budget, and stops the run with this message.
             raise BadSample("unreadable_sample", url, sample.key, str(e).removeprefix(f"{url}: ")) from None
-        if decoded["image"] is None:
+        if out is not None:
             del decoded["image"]
         decoded["shard"], decoded["index"] = url, index
         return decoded
@@ -82,21 +85,21 @@ class _SampleDecoder:
             run.append(item)
 
     def batch(self, indices, uniforms=None, *, fill: bool = True) -> Batch:
-        """Decode and collate, each image straight into its slot of a shared batch buffer; bad
-        samples are counted and reported. With `fill` (training) their slots take copies of good
+        """Decode and collate, each image (or view) straight into its slot of a shared batch buffer;
+        bad samples are counted and reported. With `fill` (training) their slots take copies of good
         samples of the same batch (the j-th bad slot the j-th good sample, cyclically), so
         batches stay full and depend only on the data and the order."""
         if self.buffers is None:
             self.buffers = SharedBuffers()
-        side = self.transform.image_size
-        images, release = self.buffers.take((len(indices), side, side, 3))
-        slots = images.numpy()
+        images, release = self._buffers(len(indices))
+        slots = [b.numpy() for b in images]
         good, bad = [], []
         self.hold_blocks(indices)
         try:
             for n, i in enumerate(indices):
                 try:
-                    good.append(self(int(i), None if uniforms is None else uniforms[n], slots[len(good)]))
+                    out = [s[len(good)] for s in slots] if self.views else slots[0][len(good)]
+                    good.append(self(int(i), None if uniforms is None else uniforms[n], out))
                 except BadSample as e:
                     bad.append(e)
                     _report(e)
@@ -107,13 +110,23 @@ class _SampleDecoder:
                             "run `lvmtrain data check` on these shards")
         samples = good + [good[j % len(good)] for j in range(len(bad) if fill else 0)]
         for j in range(len(good), len(samples)):
-            slots[j] = slots[j - len(good)]
-        return Batch(image=images[:len(samples)], keys=[s["key"] for s in good], shards=[s["shard"] for s in good],
+            for s in slots:
+                s[j] = s[j - len(good)]
+        images = [b[:len(samples)] for b in images]
+        return Batch(image=images[0], views=images if self.views else None,
+                     keys=[s["key"] for s in good], shards=[s["shard"] for s in good],
                      skipped=[{"key": e.key, "shard": e.shard, "kind": e.kind} for e in bad],
                      text=self.tokenizer([s["text"] for s in samples]) if self.tokenizer and self.fields.caption else None,
                      captions=[s["text"] for s in samples] if self.fields.caption and not self.tokenizer else None,
                      label=torch.tensor([s["label"] for s in samples]) if self.fields.label else None,
                      index=torch.tensor([s["index"] for s in samples], dtype=torch.int64), release_buffer=release)
+
+    def _buffers(self, n: int) -> tuple[list[torch.Tensor], _Release | None]:
+        """[n, size, size, 3] uint8 tensors, one per view size (one: the image), carved out of one
+        shared buffer: views[0] is the image."""
+        flat, release = self.buffers.take((n * sum(3 * s * s for s in self.sizes),))
+        bounds = np.cumsum([0] + [n * 3 * s * s for s in self.sizes]).tolist()
+        return [flat[lo:hi].view(n, s, s, 3) for lo, hi, s in zip(bounds, bounds[1:], self.sizes)], release
 
     def empty_batch(self) -> Batch:
         """A batch of no samples (evaluation padding), shaped like the others."""
@@ -126,7 +139,8 @@ class _SampleDecoder:
 
 
 class SharedBuffers:
-    """A ring of image buffers in shared memory, reused once the consumer has released them.
+    """A ring of image buffers in shared memory (a batch's image and views share one), reused once
+    the consumer has released them.
 
     A fresh shared-memory batch costs a DataLoader worker ~7 ms per 50 images at 224 px (new
     segment, page faults), as much as decoding 20 of them; a reused one ~0.7 ms. The consumer
@@ -225,7 +239,7 @@ class TrainBatches(IterableDataset):
                     if micro % workers == worker:
                         lo = consumed + (m * self.world + self.rank) * b
                         indices = order.slice(lo, lo + b)
-                        uniforms = augment_uniforms(self.seed, epoch, indices, ImageTransform.DRAWS)
+                        uniforms = augment_uniforms(self.seed, epoch, indices, self.decoder.transform.DRAWS)
                         batch = self.decoder.batch(indices, uniforms)
                         batch.cursor = (epoch, consumed + g)
                         yield batch
@@ -277,22 +291,31 @@ def train_order(shards: ShardSet, cfg, seed: int, epoch: int) -> EpochOrder:
 
 
 def _decoder(shards: ShardSet, cfg, image_size: int, *, train: bool, fields: tuple[str, ...],
-             tokenizer=None) -> _SampleDecoder:
-    """A decoder of the images and of what the task reads (`fields`: "text", "label")."""
+             tokenizer=None, views: tuple[int, int, int] | None = None) -> _SampleDecoder:
+    """A decoder of the images and of what the task reads (`fields`: "text", "label", "views": the
+    multi-crop views, of `views` = (global_size, local_size, n_local); the image is then the
+    first global view)."""
     if "text" in fields and tokenizer is None:
         raise ValueError("a task that reads captions (\"text\") must give a tokenizer")
+    if "views" in fields:
+        if views is None or not train:
+            raise ValueError("multi-crop \"views\" are for training only, and need views=(global_size, local_size, "
+                             f"n_local); got train={train}, views={views}")
+        transform = MultiCropTransform(*views)
+    else:
+        transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
     reads_captions = "text" in fields or "captions" in fields  # "captions": as text, not tokens
     fields = Fields(image=cfg.image_key.split(";"), caption=cfg.caption_key if reads_captions else None,
                     label=cfg.label_key if "label" in fields else None)
-    transform = ImageTransform(image_size, train=train, scale_min=cfg.crop_scale_min, hflip=cfg.hflip)
     return _SampleDecoder(shards, fields, transform, tokenizer, RemoteIO.from_config(cfg))
 
 
 def build_train_loader(shards: ShardSet, cfg, dims, *, image_size: int, fields: tuple[str, ...], tokenizer=None,
-                       accum: int, seed: int, start: Cursor) -> DataLoader:
+                       accum: int, seed: int, start: Cursor, views: tuple[int, int, int] | None = None) -> DataLoader:
     """This rank's training micro-batches from cursor `start` (cfg: DataConfig), with the fields a
-    task reads (`Task.fields`)."""
-    dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer),
+    task reads (`Task.fields`; "views": `views` = (global_size, local_size, n_local))."""
+    dataset = TrainBatches(_decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer,
+                                    views=views),
                            rank=dims.rank, world=dims.world, batch_size=cfg.batch_size, accum=accum,
                            seed=seed, start=start, block=cfg.shuffle_block, window=cfg.shuffle_window,
                            weights=cfg.train_weights)
@@ -309,7 +332,7 @@ def build_eval_loader(shards: ShardSet, cfg, dims, *, image_size: int, batch_siz
 
 
 def preflight(shards: ShardSet, cfg, *, image_size: int, fields: tuple[str, ...], tokenizer=None, first: np.ndarray,
-              max_shards: int = 64) -> str:
+              max_shards: int = 64, views: tuple[int, int, int] | None = None) -> str:
     """Decode, the way training will, one sample of each of the first `max_shards` shards among
     `first` (global indices the run reads first: its first batches), before step 1.
 
@@ -318,7 +341,7 @@ def preflight(shards: ShardSet, cfg, *, image_size: int, fields: tuple[str, ...]
     reported and left to the per-sample budget. Only shards the run reads anyway are opened.
     Returns a one-line summary.
     """
-    decoder = _decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer)
+    decoder = _decoder(shards, cfg, image_size, train=True, fields=fields, tokenizer=tokenizer, views=views)
     probes: dict[int, int] = {}
     for index in first:
         shard = shards.locate(int(index))[0]
@@ -327,7 +350,7 @@ def preflight(shards: ShardSet, cfg, *, image_size: int, fields: tuple[str, ...]
     failures = []
     for index in probes.values():
         try:
-            decoder(index, augment_uniforms(0, 0, [0], ImageTransform.DRAWS)[0])
+            decoder(index, augment_uniforms(0, 0, [0], decoder.transform.DRAWS)[0])
         except BadSample as e:
             failures.append(e)
     if failures and len(failures) == len(probes):

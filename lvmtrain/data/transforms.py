@@ -91,13 +91,48 @@ def augment_uniforms(seed: int, epoch: int, indices, draws: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+ATTEMPTS = 10
+CROP_DRAWS = 2 * ATTEMPTS + 3  # (scale, ratio) per attempt, top, left, flip
+
+
+def random_resized_crop(array: np.ndarray, u, scale: tuple[float, float], out: np.ndarray, *,
+                        hflip: bool = True) -> None:
+    """torchvision's RandomResizedCrop (ratio 3/4 to 4/3) of `array` into `out`, then a horizontal
+    flip with p=0.5 when `hflip`; its random numbers are the first CROP_DRAWS of `u`."""
+    u = u.tolist() if isinstance(u, np.ndarray) else list(u)
+    height, width = array.shape[:2]
+    top, left, h, w = _crop_box(width, height, u, scale)
+    resize_into(array[top:top + h, left:left + w], out)
+    if hflip and u[2 * ATTEMPTS + 2] < 0.5:
+        # NOTE: in place; numpy copies a reversed view element by element, 10x slower than cv2.flip.
+        if cv2 is not None:
+            cv2.flip(out, 1, dst=out)
+        else:
+            out[:] = out[:, ::-1].copy()
+
+
+def _crop_box(width: int, height: int, u: list[float], scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling: (top, left, height, width)."""
+    area = width * height
+    lo_ratio, hi_ratio = math.log(3 / 4), math.log(4 / 3)
+    lo_scale, hi_scale = scale
+    for k in range(ATTEMPTS):
+        target = area * (lo_scale + (hi_scale - lo_scale) * u[2 * k])
+        ratio = math.exp(lo_ratio + (hi_ratio - lo_ratio) * u[2 * k + 1])
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[2 * ATTEMPTS] * (height - h + 1)), int(u[2 * ATTEMPTS + 1] * (width - w + 1)), h, w
+    side = min(width, height)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
 class ImageTransform:
     """RandomResizedCrop + flip for training, centre crop + resize for evaluation: HxWx3 uint8
     array -> SxSx3 uint8. Training draws its randomness from `draws` uniforms per sample
     (`augment_uniforms`), so the same sample is augmented the same way on any rank or worker."""
 
-    ATTEMPTS = 10
-    DRAWS = 2 * ATTEMPTS + 3  # (scale, ratio) per attempt, top, left, flip
+    DRAWS = CROP_DRAWS
 
     def __init__(self, image_size: int, *, train: bool, scale_min: float = 0.9, hflip: bool = True):
         self.image_size = image_size
@@ -107,37 +142,15 @@ class ImageTransform:
 
     def __call__(self, array: np.ndarray, uniforms=None, out: np.ndarray | None = None) -> torch.Tensor | None:
         """Transform `array`; into `out` (SxSx3 uint8) when given, else into a new tensor returned."""
-        height, width = array.shape[:2]
-        if self.train:
-            u = uniforms.tolist() if isinstance(uniforms, np.ndarray) else list(uniforms)
-            top, left, h, w = self._crop_box(width, height, u)
-        else:
-            side = min(width, height)
-            top, left, h, w = (height - side) // 2, (width - side) // 2, side, side
         target = out if out is not None else np.empty((self.image_size, self.image_size, 3), np.uint8)
-        resize_into(array[top:top + h, left:left + w], target)
-        if self.train and self.hflip and u[-1] < 0.5:
-            # NOTE: in place; numpy copies a reversed view element by element, 10x slower than cv2.flip.
-            if cv2 is not None:
-                cv2.flip(target, 1, dst=target)
-            else:
-                target[:] = target[:, ::-1].copy()
+        if self.train:
+            random_resized_crop(array, uniforms, self.scale, target, hflip=self.hflip)
+        else:
+            height, width = array.shape[:2]
+            side = min(width, height)
+            top, left = (height - side) // 2, (width - side) // 2
+            resize_into(array[top:top + side, left:left + side], target)
         return None if out is not None else torch.from_numpy(target)
-
-    def _crop_box(self, width: int, height: int, u: list[float]) -> tuple[int, int, int, int]:
-        """torchvision's RandomResizedCrop sampling, with its random numbers taken from `u`."""
-        area = width * height
-        lo_ratio, hi_ratio = math.log(3 / 4), math.log(4 / 3)
-        lo_scale, hi_scale = self.scale
-        for k in range(self.ATTEMPTS):
-            target = area * (lo_scale + (hi_scale - lo_scale) * u[2 * k])
-            ratio = math.exp(lo_ratio + (hi_ratio - lo_ratio) * u[2 * k + 1])
-            w = int(round(math.sqrt(target * ratio)))
-            h = int(round(math.sqrt(target / ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return int(u[-3] * (height - h + 1)), int(u[-2] * (width - w + 1)), h, w
-        side = min(width, height)
-        return (height - side) // 2, (width - side) // 2, side, side
 
 
 class ImageNormalizer:

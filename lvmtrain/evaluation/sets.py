@@ -50,6 +50,12 @@ def set_configs(cfg, eval_kind: str) -> list[EvalSetConfig]:
 def check_set_configs(cfg, family: str) -> None:
     """Refuse (ConfigError naming eval.sets[i].KEY) a set the model cannot be scored on, or that
     lacks what its kind needs, before any work. Files named are read here."""
+    from lvmtrain.tasks import TASKS, task_name
+
+    task = TASKS.get(task_name(cfg))
+    if cfg.data.val and task is not None and task.eval_kind in NEEDS_TRAIN:
+        raise ConfigError(f"data.val: a {task.name} run has no classifier to score data.val with; name its sets in "
+                          f"eval.sets (kind knn or linear, with a labelled train split), and leave data.val empty")
     names = [LEGACY] if cfg.data.val else []
     for i, s in enumerate(cfg.eval.sets):
         key = f"eval.sets[{i}]"

@@ -7,6 +7,7 @@ timm's `VisionTransformer`; the same class, with CLIP options, is the image towe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvmtrain.models.layers import (
@@ -161,6 +162,7 @@ class VisionTransformer(nn.Module):
         self.init_mode = init_mode
         self.mlp_hidden_dim = mlp_hidden_dim(width, mlp_ratio)
         self.grad_checkpointing = 0
+        self.dynamic_size = False  # other image sizes get resized positions (set by DINO for its local crops)
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width, bias=patch_bias)
         self.num_prefix_tokens = int(class_token)
@@ -240,14 +242,29 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + patches, width) after the final norm; in training
         with patch dropout, (B, `train_seq_len`, width): the class token, then the kept patches."""
-        x = self.patch_embed(x)
+        if self.dynamic_size and x.shape[-1] != self.image_size:  # e.g. DINO's local crops
+            x, pos = self.patch_embed.proj(x).flatten(2).transpose(1, 2), self.resized_pos_embed(x.shape[-1])
+        else:
+            x, pos = self.patch_embed(x), self.pos_embed
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed
+        x = x + pos
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
+
+    def resized_pos_embed(self, size: int) -> Tensor:
+        """The position table for square images of `size` pixels (a multiple of the patch size):
+        the patch positions resized bicubically (DINOv2's `interpolate_pos_encoding`)."""
+        grid, prefix = self.patch_embed.grid_size, self.num_prefix_tokens
+        if size % self.patch_embed.patch_size:
+            raise ValueError(f"images of {size} px: not a multiple of the {self.patch_embed.patch_size} px patches")
+        new = size // self.patch_embed.patch_size
+        patches = self.pos_embed[:, prefix:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches.float(), size=(new, new), mode="bicubic", align_corners=False)
+        patches = patches.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, new * new, -1)
+        return torch.cat([self.pos_embed[:, :prefix], patches], dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

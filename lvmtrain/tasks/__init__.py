@@ -6,9 +6,12 @@ from lvmtrain.config.schema import ConfigError
 from lvmtrain.tasks.base import Task, accumulate
 from lvmtrain.tasks.classify import ClassifyTask
 from lvmtrain.tasks.contrastive import ClipTask, ContrastiveTask
+from lvmtrain.tasks.dino import DinoTask
+from lvmtrain.tasks.mae import MaeTask
 from lvmtrain.tasks.siglip import SigLipTask
 
-TASKS: dict[str, type] = {"classify": ClassifyTask, "clip": ClipTask, "siglip": SigLipTask}
+TASKS: dict[str, type] = {"classify": ClassifyTask, "clip": ClipTask, "siglip": SigLipTask, "mae": MaeTask,
+                          "dino": DinoTask}
 
 
 def task_name(cfg) -> str:
@@ -37,5 +40,5 @@ def check_task(cfg) -> None:
         raise ConfigError(f"train.task: '{name}' needs {kind}; model.name is '{cfg.model.name}'")
 
 
-__all__ = ["TASKS", "ClassifyTask", "ClipTask", "ContrastiveTask", "SigLipTask", "Task", "accumulate", "build_task",
+__all__ = ["TASKS", "ClassifyTask", "ClipTask", "ContrastiveTask", "DinoTask", "MaeTask", "SigLipTask", "Task", "accumulate", "build_task",
            "check_task", "task_name"]

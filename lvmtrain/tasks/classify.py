@@ -6,15 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvmtrain.data.batch import Batch
-from lvmtrain.tasks.base import accumulate
+from lvmtrain.tasks.base import TaskDefaults, accumulate
 
 
-class ClassifyTask:
+class ClassifyTask(TaskDefaults):
     """batch {"image", "label"} -> {"loss", "accuracy"}."""
 
     name = "classify"
     fields = ("label",)
-    tokenizer = None
     eval_kind = "classify"
 
     def __init__(self, label_smoothing: float = 0.0):
@@ -23,9 +22,6 @@ class ClassifyTask:
     @classmethod
     def from_config(cls, cfg, *, context_length: int | None = None) -> ClassifyTask:
         return cls(label_smoothing=cfg.optim.label_smoothing)
-
-    def model_args(self) -> dict:
-        return {}
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         logits = model(batch.image).float()
@@ -37,8 +33,3 @@ class ClassifyTask:
         # NOTE: a mean of per-sample losses: micro-batches accumulate exactly
         return accumulate(strategy, batches, self)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

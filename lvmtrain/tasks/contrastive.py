@@ -17,7 +17,7 @@ from torch.distributed import _functional_collectives as fc
 
 from lvmtrain.checkpoint_files import rng_state, set_rng_state
 from lvmtrain.data.batch import Batch
-from lvmtrain.tasks.base import accumulate
+from lvmtrain.tasks.base import TaskDefaults, accumulate
 
 # NOTE: torch >= 2.11 names it *_single_*; the older name is kept for torch 2.6-2.10.
 _all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
@@ -48,7 +48,7 @@ def clip_loss_terms(image_features: Tensor, text_features: Tensor, logit_scale: 
     return F.cross_entropy(logits_per_image, labels), F.cross_entropy(logits_per_text, labels)
 
 
-class ContrastiveTask:
+class ContrastiveTask(TaskDefaults):
     """An image-text objective: `features` of a micro-batch, `loss` of features. Subclasses name
     their `scalar_keys` (the learnable temperature, a bias: shared by every sample) and `loss`.
 
@@ -70,9 +70,6 @@ class ContrastiveTask:
         from lvmtrain.data.tokenizer import CLIPTokenizer
 
         return cls(CLIPTokenizer(context_length=context_length))
-
-    def model_args(self) -> dict:
-        return {}
 
     def features(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         out = model(batch.image, batch.text)
@@ -126,11 +123,6 @@ class ContrastiveTask:
         set_rng_state(after)
         return {k: v.detach() for k, v in out.items()}
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class ClipTask(ContrastiveTask):

@@ -170,3 +170,20 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(verb):
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Error" not in err and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_a_key_added_by_a_later_version_at_its_default_neither_blocks_a_resume_nor_renames_the_run():
+    from lvmtrain.config.loader import config_to_dict, identity_hash
+    from lvmtrain.rundir import resume_differences
+
+    cfg = load_config(str(REPO / "configs/debug/clip.yaml"))
+    saved = config_to_dict(cfg)
+    del saved["ssl"]  # a checkpoint written before the ssl section existed
+    saved["eval"].pop("sets")
+    assert resume_differences(saved, config_to_dict(cfg), []) == []
+    changed = load_config(str(REPO / "configs/debug/clip.yaml"), ["ssl.mask_ratio=0.5"])
+    assert resume_differences(saved, config_to_dict(changed), []) == ["ssl.mask_ratio ('-' -> 0.5)"]
+    assert identity_hash(changed) != identity_hash(cfg)
+    bare = config_to_dict(cfg)
+    assert identity_hash(cfg) == identity_hash(load_config(None, [], base=("saved", {k: v for k, v in bare.items()
+                                                                                      if k != "ssl"})))

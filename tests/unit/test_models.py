@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lvmtrain.models import CLIP, build_model, get_preset, list_presets, lvm_to_open_clip, model_family
+from lvmtrain.models.convert import TIMM_ARCHITECTURES
 from tests.conftest import OPEN_CLIP_DEBUG_CFG
 
 VIT_PRESETS = ["vit_debug", "vit_ti16", "vit_s16", "vit_b32", "vit_b16", "vit_l14", "vit_h14", "vit_g14"]
@@ -19,15 +20,8 @@ CLIP_PRESETS = ["clip_debug", "clip_b32", "clip_b16", "clip_l14", "clip_h14", "s
 # vit_b16 and clip_b32 run for real at 224 in test_convert.py.
 SMALL = {"vit_debug", "vit_ti16", "vit_s16", "vit_b32", "clip_debug", "siglip_debug"}
 
-TIMM_NAMES = {
-    "vit_ti16": "vit_tiny_patch16_224",
-    "vit_s16": "vit_small_patch16_224",
-    "vit_b32": "vit_base_patch32_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_l14": "vit_large_patch14_224",
-    "vit_h14": "vit_huge_patch14_224",
-    "vit_g14": "vit_giant_patch14_224",
-}
+# timm's model of each preset's shape (vit_debug has none: its nearest name only names the family)
+TIMM_NAMES = {name: timm_name for name, timm_name in TIMM_ARCHITECTURES.items() if name != "vit_debug"}
 OPEN_CLIP_NAMES = {
     "clip_b32": "ViT-B-32",
     "clip_b16": "ViT-B-16",

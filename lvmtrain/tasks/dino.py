@@ -1,0 +1,263 @@
+"""DINOv2-style self-distillation (Oquab et al. 2023; reference: dinov2/train/ssl_meta_arch.py):
+a student ViT + DINO head learns to match a teacher's (the student's EMA) prototype assignments
+across crops: the teacher sees the 2 global crops, the student every crop (2 global + the local
+ones, made by the loader's workers). The teacher's outputs are balanced by Sinkhorn-Knopp
+(DINOv2) or a running centre (DINO); a KoLeo term spreads the student's features.
+
+State carried across a resume: the teacher (weights, in the model: checkpointed and resharded with
+it), the centre and the step that drives the momentum and teacher-temperature schedules (the
+task's `state_dict`). The EMA runs on each rank's own shards under FSDP2 and ZeRO-3 (no gather).
+iBOT's masked-token loss is not implemented.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lvmtrain.data.batch import Batch
+from lvmtrain.models.layers import fwd_bwd_flops
+from lvmtrain.models.vit import VisionTransformer
+from lvmtrain.tasks.base import TaskDefaults, accumulate
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    if _world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class DinoHead(nn.Module):
+    """MLP (3 layers, GELU) to a bottleneck, L2-normalised, then weight-normalised prototypes
+    (DINOv2's `DINOHead` with its norm fixed to 1: the prototypes' rows are normalised)."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int, bottleneck: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.prototypes, dim=-1))
+
+
+class Branch(nn.Module):
+    """A backbone and its head (the student, or the teacher)."""
+
+    def __init__(self, backbone: VisionTransformer, head: DinoHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.backbone.encode_image(images)
+        return features, self.head(features)
+
+
+class Dino(nn.Module):
+    def __init__(self, backbone: VisionTransformer, head: DinoHead):
+        super().__init__()
+        backbone.dynamic_size = True
+        self.student = Branch(backbone, head)
+        self.teacher = copy.deepcopy(self.student)  # starts as the student (DINOv2)
+        self.teacher.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.student.backbone.init_weights()
+        self.student.head.init_weights()
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.copy_(s)
+
+    @property
+    def image_size(self) -> int:
+        return self.student.backbone.image_size
+
+    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
+        self.student.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"student.backbone.{n}" for n in self.student.backbone.no_weight_decay()}
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        """The teacher backbone's features (DINO evaluates the teacher)."""
+        return self.teacher.backbone.encode_image(x)
+
+    def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(teacher logits of the 2 global crops [2B, K], student logits of every crop, globals
+        first [(2 + n_local) B, K], student features of the global crops [2B, D])."""
+        globals_ = torch.cat(views[:2])
+        with torch.no_grad():
+            _, teacher = self.teacher(globals_)
+        features, student_global = self.student(globals_)
+        student = [student_global]
+        if len(views) > 2:
+            student.append(self.student(torch.cat(views[2:]))[1])
+        return teacher, torch.cat(student), features
+
+    def flops_per_sample(self, train: bool = True) -> int:
+        """Student forward + backward on every crop, teacher forward on the global ones (per image,
+        2 global crops at the model's size; local crops counted at their token count)."""
+        vit = self.student.backbone
+        macs = 2 * vit.forward_macs(train=False)
+        return fwd_bwd_flops(macs) + 2 * macs + self.local_flops
+
+    local_flops = 0  # set by the task from the local crops' size and number
+
+
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """Balanced soft assignments [B, K] of the teacher's logits over the global batch (every
+    rank's rows: sums are all-reduced), as DINOv2's `SinkhornKnopp`."""
+    q = torch.exp(logits.float() / temp).T  # K x B
+    total_b = q.shape[1] * _world()
+    k = q.shape[0]
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= total_b
+    return (q * total_b).T
+
+
+def koleo(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy estimator's loss: -log of each normalised feature's distance to
+    its nearest neighbour in the batch, averaged (DINOv2's `KoLeoLoss`)."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    sims = x @ x.T
+    sims.fill_diagonal_(-1)
+    nearest = sims.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest]) + eps).mean()
+
+
+def local_tensor(p: Tensor) -> Tensor:
+    """This rank's own values of parameter `p`: a DTensor's local shard (FSDP2), a ZeRO-3
+    partition (`ds_tensor`), or the tensor itself."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum x teacher + (1 - momentum) x student, on each rank's own shards, in one
+    fused foreach call (no gather: both are sharded alike)."""
+    t = [local_tensor(p) for p in teacher.parameters()]
+    s = [local_tensor(p) for p in student.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+class DinoTask(TaskDefaults):
+    """batch {"views"} -> {"loss", "dino_loss", "koleo", "teacher_temp", "momentum"}."""
+
+    name = "dino"
+    fields = ("views",)
+    eval_kind = "knn"
+    backbone_prefix = "student.backbone."
+    teacher_prefix = "teacher.backbone."
+
+    def __init__(self, cfg, total_steps: int | None = None):
+        self.ssl, self.total_steps = cfg.ssl, total_steps
+        self.image_size = cfg.model.image_size
+        self.step = 0  # optimizer steps done: drives the schedules
+        self.crops: tuple[int, int, int] | None = None
+        self.center: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg, *, context_length: int | None = None) -> DinoTask:
+        return cls(cfg)
+
+    def model_args(self) -> dict:
+        return {"num_classes": 0}
+
+    def views(self, image_size: int, patch_size: int) -> tuple[int, int, int]:
+        """(global size, local size, local crops) the loader makes."""
+        local = self.ssl.local_size or max(patch_size, round(image_size * 96 / 224 / patch_size) * patch_size)
+        return image_size, local, self.ssl.local_crops
+
+    def wrap_model(self, backbone: nn.Module) -> nn.Module:
+        s = self.ssl
+        model = Dino(backbone, DinoHead(backbone.width, s.out_dim, s.head_hidden, s.head_bottleneck))
+        self.crops = self.views(backbone.image_size, backbone.patch_embed.patch_size)  # what the loader makes
+        _, local, n = self.crops
+        tokens = (local // backbone.patch_embed.patch_size) ** 2
+        macs = backbone.forward_macs(train=False) * tokens / backbone.patch_embed.num_patches  # about: linear part
+        model.local_flops = int(n * fwd_bwd_flops(int(macs)))
+        return model
+
+    def schedules(self) -> tuple[float, float]:
+        """(teacher temperature, EMA momentum) at the step about to run."""
+        s, total = self.ssl, max(self.total_steps or 1, 1)
+        warm = s.teacher_temp_warmup_steps or int(0.3 * total)
+        temp = s.teacher_temp if self.step >= warm else (
+            s.warmup_teacher_temp + (s.teacher_temp - s.warmup_teacher_temp) * self.step / max(warm, 1))
+        momentum = s.momentum_end - (s.momentum_end - s.momentum_start) * (math.cos(math.pi * self.step / total) + 1) / 2
+        return temp, momentum
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        temp, _ = self.schedules()
+        teacher, student, features = model(batch.views)
+        b = teacher.shape[0] // 2
+        if self.ssl.centering == "sinkhorn":
+            targets = sinkhorn_knopp(teacher, temp)
+        else:
+            if self.center is None:
+                self.center = torch.zeros(1, teacher.shape[1], device=teacher.device)
+            self.center = self.center.to(teacher.device)
+            targets = F.softmax((teacher.float() - self.center) / temp, dim=-1)
+            batch_center = _all_reduce(teacher.float().sum(0, keepdim=True)) / (teacher.shape[0] * _world())
+            m = self.ssl.center_momentum
+            self.center = self.center * m + batch_center * (1 - m)
+        log_probs = F.log_softmax(student.float() / self.ssl.student_temp, dim=-1)
+        views = student.shape[0] // b
+        terms = []
+        for i in range(2):  # each teacher global crop against every other student crop
+            for j in range(views):
+                if j != i:
+                    terms.append(-(targets[i * b:(i + 1) * b] * log_probs[j * b:(j + 1) * b]).sum(-1).mean())
+        dino = torch.stack(terms).mean()
+        out = {"loss": dino, "dino_loss": dino.detach()}
+        if self.ssl.koleo_weight:
+            kl = sum(koleo(features[i * b:(i + 1) * b]) for i in range(2))
+            out["loss"] = dino + self.ssl.koleo_weight * kl
+            out["koleo"] = kl.detach()
+        return out
+
+    def train_step(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
+        totals = accumulate(strategy, batches, self)
+        temp, momentum = self.schedules()
+        device = totals["loss"].device
+        return {**totals, "teacher_temp": torch.tensor(temp, device=device), "momentum": torch.tensor(momentum, device=device)}
+
+    def on_step_end(self, strategy) -> None:
+        """After the optimizer step: the teacher follows the student."""
+        _, momentum = self.schedules()
+        model = strategy.unwrapped()
+        ema_update(model.teacher, model.student, momentum)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "center": None if self.center is None else self.center.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state.get("step", 0)
+        center = state.get("center")
+        self.center = None if center is None else center
