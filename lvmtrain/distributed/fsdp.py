@@ -46,11 +46,11 @@ class FSDPStrategy(TorchStrategy):
             # (zero-shot evaluation) gather what they need without going through the root's forward.
             fully_shard(tower, **kwargs)
         fully_shard(model, **kwargs)
-        for method in ("encode_image", "encode_text"):
-            # NOTE: evaluation calls these instead of forward: they gather the root's own shards
-            # (a ViT's patch embedding, CLIP's logit scale) only when registered
-            if hasattr(model, method):
-                register_fsdp_forward_method(model, method)
+        for path, method in getattr(model, "fsdp_forward_methods", ()):
+            # NOTE: methods called instead of a unit's forward (evaluation's encode_image, MAE's
+            # encoder on the seen patches) gather that unit's shards only when registered; a
+            # method its unit's own forward calls must not be (it would reshard mid-forward)
+            register_fsdp_forward_method(model.get_submodule(path), method)
         if self.cfg.meta_init:
             # NOTE: each rank initialises only its shards; the values differ from a plain build
             # with the same seed (the random streams are cut differently), not their distribution.

@@ -277,6 +277,20 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    fsdp_forward_methods = (("", "encode_image"), ("", "forward_seen"))
+    """(unit, method) pairs FSDP2 treats as forwards (see distributed/fsdp.py)."""
+
+    def forward_seen(self, x: Tensor, seen: Tensor) -> Tensor:
+        """Tokens (B, prefix + k, width) after the final norm, of images whose blocks see only the
+        patches `seen` (B, k indices; MAE). Without a final norm (mean pooling), `fc_norm`."""
+        prefix = self.num_prefix_tokens
+        x = self.patch_embed(x) + self.pos_embed[:, prefix:]
+        x = x.gather(1, seen[..., None].expand(-1, -1, x.shape[-1]))
+        if self.cls_token is not None:
+            x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing)
+        return self.fc_norm(x) if isinstance(self.norm, nn.Identity) else self.norm(x)
+
     def encode_image(self, x: Tensor) -> Tensor:
         """The pooled image features before the head (k-NN and linear probes score these)."""
         return self.forward_head(self.forward_features(x), pre_logits=True)

@@ -67,6 +67,9 @@ class Branch(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def features(self, images: Tensor) -> Tensor:
+        return self.backbone.encode_image(images)
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone.encode_image(images)
         return features, self.head(features)
@@ -97,9 +100,11 @@ class Dino(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"student.backbone.{n}" for n in self.student.backbone.no_weight_decay()}
 
+    fsdp_forward_methods = (("teacher", "features"),)
+
     def encode_image(self, x: Tensor) -> Tensor:
         """The teacher backbone's features (DINO evaluates the teacher)."""
-        return self.teacher.backbone.encode_image(x)
+        return self.teacher.features(x)
 
     def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(teacher logits of the 2 global crops [2B, K], student logits of every crop, globals

@@ -20,6 +20,31 @@ from lvmtrain.tasks.base import TaskDefaults, accumulate
 BACKBONE = "encoder."  # the prefix of the encoder's weights: what an export keeps
 
 
+class Decoder(nn.Module):
+    """MAE's light decoder: the seen tokens, mask tokens for the others, back in patch order,
+    through `depth` blocks to each patch's pixels."""
+
+    def __init__(self, encoder: VisionTransformer, width: int, depth: int):
+        super().__init__()
+        self.prefix = encoder.num_prefix_tokens
+        self.embed = nn.Linear(encoder.width, width)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.empty(1, encoder.seq_len, width))
+        self.blocks = make_blocks(depth, 0.0, dim=width, num_heads=max(1, width // 64), mlp_ratio=4.0, qkv_bias=True,
+                                  act="gelu", norm_eps=1e-6)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, encoder.patch_embed.patch_size**2 * 3)
+
+    def forward(self, x: Tensor, restore: Tensor) -> Tensor:
+        """Encoder tokens (B, prefix + seen, D) and each patch's rank in the shuffle -> pixels (B, N, p*p*3)."""
+        y = self.embed(x)
+        b, seen = y.shape[0], y.shape[1] - self.prefix
+        body = torch.cat([y[:, self.prefix:], self.mask_token.expand(b, restore.shape[1] - seen, -1)], dim=1)
+        body = body.gather(1, restore[..., None].expand(-1, -1, y.shape[-1]))
+        y = torch.cat([y[:, :self.prefix], body], dim=1) + self.pos_embed
+        return self.pred(self.norm(run_blocks(self.blocks, y, 0))[:, self.prefix:])
+
+
 class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: VisionTransformer, *, mask_ratio: float = 0.75, decoder_width: int = 512,
                  decoder_depth: int = 8, norm_pix_loss: bool = True):
@@ -29,15 +54,7 @@ class MaskedAutoencoder(nn.Module):
         self.patch_size = encoder.patch_embed.patch_size
         self.keep = max(1, round((1 - mask_ratio) * patches))
         self.norm_pix_loss = norm_pix_loss
-        heads = max(1, decoder_width // 64)
-        self.decoder = nn.Module()
-        self.decoder.embed = nn.Linear(encoder.width, decoder_width)
-        self.decoder.mask_token = nn.Parameter(torch.empty(1, 1, decoder_width))
-        self.decoder.pos_embed = nn.Parameter(torch.empty(1, encoder.seq_len, decoder_width))
-        self.decoder.blocks = make_blocks(decoder_depth, 0.0, dim=decoder_width, num_heads=heads, mlp_ratio=4.0,
-                                          qkv_bias=True, act="gelu", norm_eps=1e-6)
-        self.decoder.norm = nn.LayerNorm(decoder_width, eps=1e-6)
-        self.decoder.pred = nn.Linear(decoder_width, self.patch_size**2 * 3)
+        self.decoder = Decoder(encoder, decoder_width, decoder_depth)
         self.decoder_width = decoder_width
         self.init_weights(encoder=False)
 
@@ -65,6 +82,8 @@ class MaskedAutoencoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token", "decoder.pos_embed"}
 
+    fsdp_forward_methods = (("encoder", "forward_seen"), ("encoder", "encode_image"))
+
     def encode_image(self, x: Tensor) -> Tensor:
         """The encoder's pooled features of whole images (k-NN and linear probes)."""
         return self.encoder.encode_image(x)
@@ -77,25 +96,12 @@ class MaskedAutoencoder(nn.Module):
         return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        enc = self.encoder
-        prefix = enc.num_prefix_tokens
-        x = enc.patch_embed(images) + enc.pos_embed[:, prefix:]
-        b, n, width = x.shape
-        order = torch.rand(b, n, device=x.device).argsort(dim=1)  # the first `keep` of each row are seen
+        b, n = images.shape[0], self.encoder.patch_embed.num_patches
+        order = torch.rand(b, n, device=images.device).argsort(dim=1)  # the first `keep` of each row are seen
         restore = order.argsort(dim=1)
-        x = x.gather(1, order[:, :self.keep, None].expand(-1, -1, width))
-        if enc.cls_token is not None:
-            x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1), x], dim=1)
-        x = run_blocks(enc.blocks, enc.norm_pre(x), enc.grad_checkpointing)
-        x = enc.fc_norm(x) if isinstance(enc.norm, nn.Identity) else enc.norm(x)
+        x = self.encoder.forward_seen(images, order[:, :self.keep])
 
-        d = self.decoder
-        y = d.embed(x)
-        body = torch.cat([y[:, prefix:], d.mask_token.expand(b, n - self.keep, -1)], dim=1)
-        body = body.gather(1, restore[..., None].expand(-1, -1, self.decoder_width))
-        y = torch.cat([y[:, :prefix], body], dim=1) + d.pos_embed
-        y = d.norm(run_blocks(d.blocks, y, 0))
-        pred = d.pred(y[:, prefix:]).float()
+        pred = self.decoder(x, restore).float()
 
         target = self.patchify(images.float())
         if self.norm_pix_loss:

@@ -48,9 +48,13 @@ def test_ssl_resumes_bit_exact_after_kill_9(tmp_path, shards, task):
 
 def test_dino_saved_on_two_fsdp2_ranks_resumes_on_one_and_exports_to_timm(tmp_path, shards):
     timm = pytest.importorskip("timm")
-    kill_one_rank_after(tmp_path, shards, "d", 6, args(tmp_path, shards, "d", "dino", "parallel.backend=fsdp"))
+    knn = f"eval.sets=[{{name: knn, kind: knn, data: '{shards['val']}', train: '{shards['val']}', k: 5}}]"
+    kill_one_rank_after(tmp_path, shards, "d", 6, args(tmp_path, shards, "d", "dino", "parallel.backend=fsdp",
+                                                        "eval.every=6", knn))
     resumed = run_lvmtrain(args(tmp_path, shards, "d", "dino", "data.batch_size=16"), nproc=1)
     assert "resumed from" in resumed.stdout and "step_00000006" in resumed.stdout
+    # the teacher's k-NN, scored on 2 FSDP2 ranks at step 6 (its encode_image gathers the teacher's shards)
+    assert [m["eval/knn/samples"] for m in read_metrics(tmp_path / "d") if "eval/knn/samples" in m][:1] == [512]
     steps = logged(tmp_path / "d", ("loss", "momentum"))
     assert sorted(steps) == list(range(1, STEPS + 1))
     # the momentum schedule goes on from the saved step (the task's state), not from 0
@@ -94,3 +98,11 @@ def test_a_classifier_starts_from_an_mae_run_and_from_timm_weights(tmp_path, sha
                          "model.patch_size=4", f"model.init_from={tmp_path / 'm'}", "train.steps=1", "train.epochs=0",
                          "data.workers=0", f"log.dir={tmp_path}", "run.name=ft"])
     assert "model.init_from: " in proc.stdout
+
+
+def test_mae_trains_and_is_scored_under_fsdp2(tmp_path, shards):
+    """MAE's encoder on the seen patches and its k-NN features, both gathered from FSDP2 shards."""
+    knn = f"eval.sets=[{{name: knn, kind: knn, data: '{shards['val']}', train: '{shards['val']}', k: 5}}]"
+    run_lvmtrain(args(tmp_path, shards, "f", "mae", "parallel.backend=fsdp", "train.steps=3", knn), nproc=2)
+    final = [m for m in read_metrics(tmp_path / "f") if "eval/knn/top1" in m][-1]
+    assert final["step"] == 3 and final["eval/knn/samples"] == 512
