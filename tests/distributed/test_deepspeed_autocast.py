@@ -56,7 +56,7 @@ def two_steps(backend: str, parallel: dict, *, cuda_autocast: bool) -> dict:
     g = torch.Generator().manual_seed(1)
     batch = Batch(image=torch.randn(8, 3, 32, 32, generator=g), keys=[], shards=[],
                   text=torch.randint(1, 49407, (8, 16), generator=g))
-    task, losses = ClipTask(None, [], []), []
+    task, losses = ClipTask(None), []
     previous = torch.is_autocast_enabled("cuda")
     torch.set_autocast_enabled("cuda", cuda_autocast)  # what torch.autocast("cuda") sets
     try:
