@@ -249,8 +249,8 @@ class DinoTask(TaskDefaults):
     def train_step(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
         totals = accumulate(strategy, batches, self)
         temp, momentum = self.schedules()
-        device = totals["loss"].device
-        return {**totals, "teacher_temp": torch.tensor(temp, device=device), "momentum": torch.tensor(momentum, device=device)}
+        # NOTE: host floats, as the lr is: a device tensor made each step is a copy to the GPU for nothing
+        return {**totals, "teacher_temp": temp, "momentum": momentum}
 
     def on_step_end(self, strategy) -> None:
         """After the optimizer step: the teacher follows the student."""
