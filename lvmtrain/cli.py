@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    import faulthandler
+
     from lvmtrain.config.loader import load_config
     from lvmtrain.distributed.dims import shutdown
 
@@ -156,6 +158,7 @@ def _train(args) -> int:
     from lvmtrain.trainer import Trainer, TrainingDiverged
 
     die_with_launcher()
+    faulthandler.enable(all_threads=True)  # a crash in native code (SIGSEGV, SIGABRT) prints every thread's stack
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
