@@ -102,6 +102,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.allow_changes: '{key}' is not a config key (write section.key, e.g. optim.lr)")
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
+    _check_ssl(cfg.ssl)
+
+
+def _check_ssl(ssl) -> None:
+    if not 0.0 < ssl.mask_ratio < 1.0:
+        raise ConfigError(f"ssl.mask_ratio: {ssl.mask_ratio} must be in (0, 1) (MAE: 0.75)")
+    if ssl.ibot_weight < 0 or ssl.koleo_weight < 0:
+        raise ConfigError("ssl.ibot_weight / ssl.koleo_weight: must be >= 0 (0 turns the term off)")
+    if not 0.0 < ssl.ibot_mask_share <= 1.0:
+        raise ConfigError(f"ssl.ibot_mask_share: {ssl.ibot_mask_share} must be in (0, 1]")
+    if not 0.0 < ssl.ibot_mask_min <= ssl.ibot_mask_max < 1.0:
+        raise ConfigError(f"ssl.ibot_mask_min / ssl.ibot_mask_max: need 0 < min <= max < 1 "
+                          f"(got {ssl.ibot_mask_min}, {ssl.ibot_mask_max}; DINOv2: 0.1, 0.5)")
 
 
 def _positive(cfg: Config, *keys: str) -> None:

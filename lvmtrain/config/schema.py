@@ -284,6 +284,13 @@ class SSLConfig:
     """dino with centering: the centre's EMA momentum."""
     koleo_weight: float = 0.1
     """dino: KoLeo regulariser of the class tokens (0: off)."""
+    ibot_weight: float = 0.0
+    """dino: weight of iBOT's masked-patch loss (0: off; DINOv2 uses 1)."""
+    ibot_mask_share: float = 0.5
+    """dino with iBOT: the share of global crops that get masked patches."""
+    ibot_mask_min: float = 0.1
+    ibot_mask_max: float = 0.5
+    """dino with iBOT: a masked crop hides this range of its patches (spread over the batch)."""
 
 
 @dataclass

@@ -239,13 +239,17 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"} if self.cls_token is not None else {"pos_embed"}
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + patches, width) after the final norm; in training
-        with patch dropout, (B, `train_seq_len`, width): the class token, then the kept patches."""
+        with patch dropout, (B, `train_seq_len`, width): the class token, then the kept patches.
+        `masks` (B, patches; bool) replaces those patches' embeddings by `mask_token` (width,)
+        before the positions are added (iBOT, as DINOv2's `prepare_tokens_with_masks`)."""
         if self.dynamic_size and x.shape[-1] != self.image_size:  # e.g. DINO's local crops
             x, pos = self.patch_embed.proj(x).flatten(2).transpose(1, 2), self.resized_pos_embed(x.shape[-1])
         else:
             x, pos = self.patch_embed(x), self.pos_embed
+        if masks is not None:
+            x = torch.where(masks[..., None], mask_token.to(x.dtype), x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + pos
@@ -265,6 +269,12 @@ class VisionTransformer(nn.Module):
         patches = F.interpolate(patches.float(), size=(new, new), mode="bicubic", align_corners=False)
         patches = patches.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, new * new, -1)
         return torch.cat([self.pos_embed[:, :prefix], patches], dim=1)
+
+    def patch_tokens(self, tokens: Tensor) -> Tensor:
+        """The patch tokens of `forward_features`' output, normalised as pooled features are
+        (`norm` already applied, or `fc_norm` with mean pooling)."""
+        x = tokens[:, self.num_prefix_tokens :]
+        return self.fc_norm(x) if self.global_pool == "avg" else x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

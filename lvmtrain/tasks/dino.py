@@ -7,7 +7,11 @@ ones, made by the loader's workers). The teacher's outputs are balanced by Sinkh
 State carried across a resume: the teacher (weights, in the model: checkpointed and resharded with
 it), the centre and the step that drives the momentum and teacher-temperature schedules (the
 task's `state_dict`). The EMA runs on each rank's own shards under FSDP2 and ZeRO-3 (no gather).
-iBOT's masked-token loss is not implemented.
+
+iBOT (`ssl.ibot_weight`): some of the student's global crops have patches replaced by a learned
+mask token; the student predicts, with the shared head, the teacher's (Sinkhorn-balanced)
+assignments of those patches, seen unmasked. DINOv2 masks blocks of patches; here the masked
+patches are drawn independently (at 28 px, 49 patches, a block is most of the image).
 """
 
 from __future__ import annotations
@@ -61,25 +65,50 @@ class DinoHead(nn.Module):
 
 
 class Branch(nn.Module):
-    """A backbone and its head (the student, or the teacher)."""
+    """A backbone and its head (the student, or the teacher), and iBOT's mask token."""
 
-    def __init__(self, backbone: VisionTransformer, head: DinoHead):
+    def __init__(self, backbone: VisionTransformer, head: DinoHead, mask_token: bool = False):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.width)) if mask_token else None
 
     def features(self, images: Tensor) -> Tensor:
         return self.backbone.encode_image(images)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.backbone.encode_image(images)
-        return features, self.head(features)
+    def forward(self, images: Tensor, masks: Tensor | None = None,
+                pick: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(pooled features, their head logits, head logits of the patches `pick` selects (B,
+        patches; bool) or None). `masks` hides those patches behind the mask token."""
+        tokens = self.backbone.forward_features(images, masks, self.mask_token)
+        features = self.backbone.forward_head(tokens, pre_logits=True)
+        if pick is None:
+            return features, self.head(features), None
+        logits = self.head(torch.cat([features, self.backbone.patch_tokens(tokens)[pick]]))
+        return features, logits[:len(features)], logits[len(features):]
+
+
+def draw_masks(n: int, patches: int, share: float, low: float, high: float, device) -> Tensor:
+    """iBOT masks (n, patches; bool): round(share x n) random images (at least one) mask a
+    ratio of their patches spread over [low, high] as DINOv2's collate does; the rest none.
+    Drawn from the global RNG, which the checkpoint carries: a resumed run masks alike."""
+    masked = max(1, round(share * n))
+    bounds = torch.linspace(low, high, masked + 1)
+    ratios = bounds[:-1] + torch.rand(masked) * (bounds[1:] - bounds[:-1])
+    counts = (ratios * patches).round().clamp(min=1).long()
+    order = torch.rand(masked, patches).argsort(dim=1)
+    rows = order < counts[:, None]  # each row: `count` random patches
+    masks = torch.zeros(n, patches, dtype=torch.bool)
+    masks[torch.randperm(n)[:masked]] = rows
+    return masks.to(device)
 
 
 class Dino(nn.Module):
-    def __init__(self, backbone: VisionTransformer, head: DinoHead):
+    def __init__(self, backbone: VisionTransformer, head: DinoHead,
+                 ibot: tuple[float, float, float] | None = None):
         super().__init__()
         backbone.dynamic_size = True
-        self.student = Branch(backbone, head)
+        self.ibot = ibot  # (share of images masked, lowest ratio, highest ratio)
+        self.student = Branch(backbone, head, mask_token=ibot is not None)
         self.teacher = copy.deepcopy(self.student)  # starts as the student (DINOv2)
         self.teacher.requires_grad_(False)
 
@@ -98,7 +127,7 @@ class Dino(nn.Module):
         self.student.backbone.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"student.backbone.{n}" for n in self.student.backbone.no_weight_decay()}
+        return {f"student.backbone.{n}" for n in self.student.backbone.no_weight_decay()} | {"student.mask_token"}
 
     fsdp_forward_methods = (("teacher", "features"),)
 
@@ -106,17 +135,25 @@ class Dino(nn.Module):
         """The teacher backbone's features (DINO evaluates the teacher)."""
         return self.teacher.features(x)
 
-    def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(teacher logits of the 2 global crops [2B, K], student logits of every crop, globals
-        first [(2 + n_local) B, K], student features of the global crops [2B, D])."""
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        """teacher: logits of the 2 global crops [2B, K]; student: logits of every crop, globals
+        first [(2 + n_local) B, K]; features: the student's of the global crops [2B, D]; with
+        iBOT, masks [2B, patches] and both branches' logits of the masked patches [M, K]."""
         globals_ = torch.cat(views[:2])
+        masks = None
+        if self.ibot is not None:
+            masks = draw_masks(len(globals_), self.student.backbone.patch_embed.num_patches, *self.ibot,
+                               device=globals_.device)
         with torch.no_grad():
-            _, teacher = self.teacher(globals_)
-        features, student_global = self.student(globals_)
+            _, teacher, teacher_patch = self.teacher(globals_, pick=masks)
+        features, student_global, student_patch = self.student(globals_, masks, pick=masks)
         student = [student_global]
         if len(views) > 2:
             student.append(self.student(torch.cat(views[2:]))[1])
-        return teacher, torch.cat(student), features
+        out = {"teacher": teacher, "student": torch.cat(student), "features": features}
+        if masks is not None:
+            out.update(masks=masks, teacher_patch=teacher_patch, student_patch=student_patch)
+        return out
 
     def flops_per_sample(self, train: bool = True) -> int:
         """Student forward + backward on every crop, teacher forward on the global ones (per image,
@@ -132,7 +169,8 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """Balanced soft assignments [B, K] of the teacher's logits over the global batch (every
     rank's rows: sums are all-reduced), as DINOv2's `SinkhornKnopp`."""
     q = torch.exp(logits.float() / temp).T  # K x B
-    total_b = q.shape[1] * _world()
+    # NOTE: ranks may hold different row counts (iBOT's masked patches): the total is summed
+    total_b = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     k = q.shape[0]
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
@@ -200,7 +238,8 @@ class DinoTask(TaskDefaults):
 
     def wrap_model(self, backbone: nn.Module) -> nn.Module:
         s = self.ssl
-        model = Dino(backbone, DinoHead(backbone.width, s.out_dim, s.head_hidden, s.head_bottleneck))
+        ibot = (s.ibot_mask_share, s.ibot_mask_min, s.ibot_mask_max) if s.ibot_weight else None
+        model = Dino(backbone, DinoHead(backbone.width, s.out_dim, s.head_hidden, s.head_bottleneck), ibot)
         self.crops = self.views(backbone.image_size, backbone.patch_embed.patch_size)  # what the loader makes
         _, local, n = self.crops
         tokens = (local // backbone.patch_embed.patch_size) ** 2
@@ -219,7 +258,8 @@ class DinoTask(TaskDefaults):
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         temp, _ = self.schedules()
-        teacher, student, features = model(batch.views)
+        out = model(batch.views)
+        teacher, student, features = out["teacher"], out["student"], out["features"]
         b = teacher.shape[0] // 2
         if self.ssl.centering == "sinkhorn":
             targets = sinkhorn_knopp(teacher, temp)
@@ -231,7 +271,7 @@ class DinoTask(TaskDefaults):
             batch_center = _all_reduce(teacher.float().sum(0, keepdim=True)) / (teacher.shape[0] * _world())
             m = self.ssl.center_momentum
             self.center = self.center * m + batch_center * (1 - m)
-        log_probs = F.log_softmax(student.float() / self.ssl.student_temp, dim=-1)
+        log_probs = self.log_probs(student)
         views = student.shape[0] // b
         terms = []
         for i in range(2):  # each teacher global crop against every other student crop
@@ -239,12 +279,28 @@ class DinoTask(TaskDefaults):
                 if j != i:
                     terms.append(-(targets[i * b:(i + 1) * b] * log_probs[j * b:(j + 1) * b]).sum(-1).mean())
         dino = torch.stack(terms).mean()
-        out = {"loss": dino, "dino_loss": dino.detach()}
+        losses = {"loss": dino, "dino_loss": dino.detach()}
         if self.ssl.koleo_weight:
             kl = sum(koleo(features[i * b:(i + 1) * b]) for i in range(2))
-            out["loss"] = dino + self.ssl.koleo_weight * kl
-            out["koleo"] = kl.detach()
-        return out
+            losses["loss"] = losses["loss"] + self.ssl.koleo_weight * kl
+            losses["koleo"] = kl.detach()
+        if "masks" in out:
+            ibot = self.ibot_loss(out["teacher_patch"], out["student_patch"], out["masks"], temp)
+            losses["loss"] = losses["loss"] + self.ssl.ibot_weight * ibot
+            losses["ibot_loss"] = ibot.detach()
+        return losses
+
+    def log_probs(self, student: Tensor) -> Tensor:
+        return F.log_softmax(student.float() / self.ssl.student_temp, dim=-1)
+
+    def ibot_loss(self, teacher: Tensor, student: Tensor, masks: Tensor, temp: float) -> Tensor:
+        """Cross-entropy of the student's masked patches against the teacher's balanced
+        assignments; each image's patches weigh 1 / its masked count, the sum over the images
+        (DINOv2's `iBOTPatchLoss.forward_masked`)."""
+        targets = sinkhorn_knopp(teacher, temp)
+        per_patch = -(targets * self.log_probs(student)).sum(-1)
+        weights = (1.0 / masks.sum(-1).clamp(min=1))[:, None].expand_as(masks)[masks]
+        return (per_patch * weights).sum() / masks.shape[0]
 
     def train_step(self, strategy, batches: list[Batch]) -> dict[str, Tensor]:
         totals = accumulate(strategy, batches, self)

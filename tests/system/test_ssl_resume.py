@@ -15,7 +15,7 @@ from tests.system.test_data_resume import kill_one_rank_after
 pytestmark = pytest.mark.slow
 STEPS = 12
 SMALL_DINO = ["ssl.out_dim=64", "ssl.head_hidden=32", "ssl.head_bottleneck=16", "ssl.local_crops=2",
-              "ssl.local_size=12", "ssl.centering=centering", "ssl.momentum_start=0.9"]
+              "ssl.local_size=12", "ssl.centering=centering", "ssl.momentum_start=0.9", "ssl.ibot_weight=1"]
 
 
 def args(tmp_path, shards, name, task, *extra):
@@ -31,7 +31,7 @@ def logged(run_dir, keys=("loss",)):
 
 @pytest.mark.parametrize("task", ["mae", "dino"])
 def test_ssl_resumes_bit_exact_after_kill_9(tmp_path, shards, task):
-    keys = ("loss", "momentum", "teacher_temp") if task == "dino" else ("loss",)
+    keys = ("loss", "ibot_loss", "momentum", "teacher_temp") if task == "dino" else ("loss",)
     run_lvmtrain(args(tmp_path, shards, "straight", task), nproc=2)
     kill_one_rank_after(tmp_path, shards, "killed", 6, args(tmp_path, shards, "killed", task))
     resumed = run_lvmtrain(args(tmp_path, shards, "killed", task), nproc=2)
