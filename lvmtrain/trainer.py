@@ -26,6 +26,8 @@ from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import Dims, all_reduce_max, all_reduce_mean, barrier
 from lvmtrain.distributed.strategy import Strategy
 from lvmtrain.evaluation import Evaluator
+from lvmtrain.health.profiling import StepProfiler
+from lvmtrain.health.watchdog import Watchdog
 from lvmtrain.metrics import MetricLogger, StepTimer, due, is_headline, memory_metrics, print0
 from lvmtrain.preemption import StopRequest
 from lvmtrain.rundir import RunLock
@@ -74,6 +76,8 @@ class Trainer:
     # --- health and timing of this process ---
     first_nonfinite: Tensor  # the first step whose loss or gradient norm was not finite (0: none), on the device
     stopped_by: str | None  # the signal that stopped the run early, once saved
+    watchdog: Watchdog  # health.hang_timeout_s
+    profiler: StepProfiler  # health.profile_steps, SIGUSR2
     last_eval: dict[str, float]
     timer: StepTimer
 
@@ -94,19 +98,27 @@ class Trainer:
         """Train to `total_steps`, or until a stop signal: then save this step and return early
         with `stopped_by` set."""
         stop = StopRequest()  # NOTE: before the loader forks its workers, which ignore the signals
+        health = self.cfg.health
+        self.watchdog = Watchdog(health.hang_timeout_s, self.run_dir, self.dims.rank, self.dims.world)
+        self.profiler = StepProfiler(health.profile_steps, health.profile_signal_steps, self.run_dir, self.dims.rank)
         try:
-            self._loop(stop)
+            try:
+                self._loop(stop)
+            finally:
+                stop.close()
+                self.profiler.close()
+                # NOTE: once stopped, the handlers stay (see `requeue_exit_code`): a rank waiting
+                # at the barrier below for rank 0 must not die of srun's SIGTERM.
+                if not self.stopped_by:
+                    stop.restore()
+            with self.watchdog.allow():
+                self.checkpoints.wait()
+                if self.step == self.total_steps:
+                    self.logger.log_checkpoint(self.checkpoints.dir / f"step_{self.step:08d}", self.step)
+                self.logger.close()
+                barrier()  # rank 0 has finished W&B and the checkpoint before any rank exits
         finally:
-            stop.close()
-            # NOTE: once stopped, the handlers stay (see `requeue_exit_code`): a rank waiting
-            # at the barrier below for rank 0 must not die of srun's SIGTERM.
-            if not self.stopped_by:
-                stop.restore()
-        self.checkpoints.wait()
-        if self.step == self.total_steps:
-            self.logger.log_checkpoint(self.checkpoints.dir / f"step_{self.step:08d}", self.step)
-        self.logger.close()
-        barrier()  # rank 0 has finished W&B and the checkpoint before any rank exits
+            self.watchdog.close()
         return self.last_eval
 
     def _loop(self, stop: StopRequest) -> None:
@@ -117,11 +129,14 @@ class Trainer:
         while self.step < self.total_steps:
             for hook in self.step_hooks:
                 hook(self.step + 1)
+            self.profiler.before(self.step + 1)
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
             self.timer.add("data_wait", time.perf_counter() - t0)
             step_metrics = self.train_step(micro)
             self.step += 1
+            self.profiler.after(self.step)
+            self.watchdog.beat(self.step)
             self._note_nonfinite(step_metrics)
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1].cursor)
@@ -143,7 +158,8 @@ class Trainer:
             self.stopped_by = stop.poll() if self.step < self.total_steps else None
             if self.stopped_by or self.checkpoints.should_save(self.step, self.total_steps):
                 self._stop_if_nonfinite()  # NOTE: never a checkpoint of a diverged model
-                self.checkpoints.save(self.step, self.state_dict())
+                with self.watchdog.allow():
+                    self.checkpoints.save(self.step, self.state_dict())
             if self.stopped_by:
                 print0(f"stopped by {self.stopped_by} at step {self.step} of {self.total_steps}; "
                        f"saved {self.checkpoints.dir}/step_{self.step:08d}", enabled=self.dims.is_main)
@@ -164,8 +180,9 @@ class Trainer:
         if self.evaluator is None or not due(self.step, self.cfg.eval.every, self.total_steps):
             return
         self._stop_if_nonfinite()
-        self.last_eval = self.evaluator(self.strategy.unwrapped(), normalize=self.normalize,
-                                        autocast=self.strategy.autocast)
+        with self.watchdog.allow():
+            self.last_eval = self.evaluator(self.strategy.unwrapped(), normalize=self.normalize,
+                                            autocast=self.strategy.autocast)
         self.logger.log(self.step, self.last_eval, console_keys=tuple(k for k in self.last_eval if is_headline(k)))
 
     def _note_nonfinite(self, metrics: dict[str, torch.Tensor]) -> None:

@@ -103,6 +103,14 @@ def validate(cfg: Config) -> None:
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: auto, none or a checkpoint path")
     _check_ssl(cfg.ssl)
+    health = cfg.health
+    if health.hang_timeout_s < 0:
+        raise ConfigError("health.hang_timeout_s: must be >= 0 (0 turns the watchdog off)")
+    if health.profile_steps and (len(health.profile_steps) != 2 or not 1 <= health.profile_steps[0] <= health.profile_steps[1]):
+        raise ConfigError(f"health.profile_steps: {health.profile_steps} must be [start, end] with 1 <= start <= end "
+                          "(steps are numbered from 1), or [] for none")
+    if health.profile_signal_steps < 1:
+        raise ConfigError("health.profile_signal_steps: must be >= 1")
 
 
 def _check_ssl(ssl) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lvmtrain.config.health import HealthConfig
+from lvmtrain.config.selfsup import SSLConfig
+
 
 class ConfigError(ValueError):
     """A configuration a run cannot start with. The message names the key and what to do."""
@@ -39,7 +42,7 @@ class RunConfig:
 RESUMABLE = ("run.*", "train.steps", "train.epochs", "train.threads", "train.grad_accum_steps",
              "data.batch_size", "data.workers", "data.ledger", "data.max_bad_fraction", "data.val",
              "data.io_timeout_s", "data.io_retries", "model.grad_checkpointing", "model.init_from", "parallel.*",
-             "checkpoint.*", "log.*", "eval.*")
+             "checkpoint.*", "log.*", "eval.*", "health.*")
 
 
 def may_change_on_resume(key: str, allowed: list[str] | tuple[str, ...] = ()) -> bool:
@@ -245,55 +248,6 @@ class LogConfig:
 
 
 @dataclass
-class SSLConfig:
-    """Self-supervised objectives of ViTs: MAE (`train.task=mae`) and DINOv2-style
-    self-distillation (`train.task=dino`)."""
-
-    mask_ratio: float = 0.75
-    """mae: the fraction of each image's patches hidden from the encoder (drawn per image)."""
-    decoder_width: int = 0
-    """mae: the decoder's width (0: 512, or the encoder's width if smaller)."""
-    decoder_depth: int = 0
-    """mae: the decoder's blocks (0: 8, or the encoder's depth if smaller)."""
-    norm_pix_loss: bool = True
-    """mae: the target is each patch's pixels normalised by their own mean and variance."""
-    local_crops: int = 8
-    """dino: local crops per image besides the 2 global ones."""
-    local_size: int = 0
-    """dino: local crops' side (0: 96/224 of model.image_size, a multiple of the patch size)."""
-    global_scale_min: float = 0.32
-    """dino: the smallest area of a global crop (local crops take 0.05 up to it)."""
-    out_dim: int = 65536
-    """dino: prototypes of the DINO head (the debug config uses far fewer)."""
-    head_hidden: int = 2048
-    """dino: the head's MLP width."""
-    head_bottleneck: int = 256
-    """dino: the head's bottleneck before the weight-normalised prototypes."""
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    """dino: the teacher's softmax temperature after its warm-up from `warmup_teacher_temp`."""
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_steps: int = 0
-    """dino: steps of the teacher temperature's linear warm-up (0: 30% of training)."""
-    momentum_start: float = 0.992
-    """dino: the teacher's EMA momentum at step 1, rising to `momentum_end` on a cosine."""
-    momentum_end: float = 1.0
-    centering: Literal["sinkhorn", "centering"] = "sinkhorn"
-    """dino: how the teacher's outputs are balanced: Sinkhorn-Knopp (DINOv2) or a running centre (DINO)."""
-    center_momentum: float = 0.9
-    """dino with centering: the centre's EMA momentum."""
-    koleo_weight: float = 0.1
-    """dino: KoLeo regulariser of the class tokens (0: off)."""
-    ibot_weight: float = 0.0
-    """dino: weight of iBOT's masked-patch loss (0: off; DINOv2 uses 1)."""
-    ibot_mask_share: float = 0.5
-    """dino with iBOT: the share of global crops that get masked patches."""
-    ibot_mask_min: float = 0.1
-    ibot_mask_max: float = 0.5
-    """dino with iBOT: a masked crop hides this range of its patches (spread over the batch)."""
-
-
-@dataclass
 class EvalSetConfig:
     """One evaluation set of `eval.sets`: its scores go to eval/NAME/..."""
 
@@ -380,6 +334,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def validate(self) -> None:
         """Every check that spans fields, in one place (`config/checks.py`); raises ConfigError

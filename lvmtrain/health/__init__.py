@@ -1,0 +1,1 @@
+"""Training health: hung ranks (`watchdog`) and traces on demand (`profiling`)."""
