@@ -6,26 +6,26 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lvmtrain.assembly import RunParts, build_run
-from lvmtrain.checkpoint import CheckpointManager
-from lvmtrain.checkpoint_files import set_rng_state
+from lvmtrain.checkpoint import CheckpointError, CheckpointManager
+from lvmtrain.checkpoint_files import newest_verified, set_rng_state
 from lvmtrain.config.loader import config_to_dict
 from lvmtrain.config.schema import Config
 from lvmtrain.data.batch import Batch
 from lvmtrain.data.ledger import BadSampleCounter, SampleLedger
 from lvmtrain.data.order import Cursor
 from lvmtrain.data.transforms import ImageNormalizer
-from lvmtrain.distributed.dims import Dims, all_reduce_max, all_reduce_mean, barrier
+from lvmtrain.distributed.dims import Dims, all_reduce_max, all_reduce_mean, barrier, from_rank0
 from lvmtrain.distributed.strategy import Strategy
 from lvmtrain.evaluation import Evaluator
+from lvmtrain.health.nonfinite import NonfiniteSteps, describe, record_rollback
 from lvmtrain.health.profiling import StepProfiler
 from lvmtrain.health.watchdog import Watchdog
 from lvmtrain.metrics import MetricLogger, StepTimer, due, is_headline, memory_metrics, print0
@@ -74,7 +74,7 @@ class Trainer:
     cursor: Cursor  # the data position after the last step trained
     _resumed_rng: dict | None  # the RNG states a resumed checkpoint saved, restored as the loop starts
     # --- health and timing of this process ---
-    first_nonfinite: Tensor  # the first step whose loss or gradient norm was not finite (0: none), on the device
+    nonfinite: NonfiniteSteps  # steps whose loss or gradient norm was not finite (health.on_nan)
     stopped_by: str | None  # the signal that stopped the run early, once saved
     watchdog: Watchdog  # health.hang_timeout_s
     profiler: StepProfiler  # health.profile_steps, SIGUSR2
@@ -90,7 +90,10 @@ class Trainer:
                      "step_hooks", "peak_flops", "step", "samples_seen", "cursor"):
             setattr(self, name, getattr(parts, name))
         self._resumed_rng = parts.rng
-        self.first_nonfinite = torch.zeros((), dtype=torch.int64, device=self.dims.device)
+        health = self.cfg.health
+        self.nonfinite = NonfiniteSteps(self.dims.device, health.nan_max_events, health.nan_window_steps)
+        self.strategy.skip_nonfinite = health.on_nan == "skip"
+        self._inject_nan_at = health.inject_nan_at if self.dims.rank == 0 else 0
         self.stopped_by, self.last_eval = None, {}
         self.timer = StepTimer(self.dims.device)
 
@@ -137,7 +140,8 @@ class Trainer:
             self.step += 1
             self.profiler.after(self.step)
             self.watchdog.beat(self.step)
-            self._note_nonfinite(step_metrics)
+            self.nonfinite.note(self.step, step_metrics["loss"], step_metrics["grad_norm"],
+                                [k for b in micro for k in b.keys])
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1].cursor)
             for batch in micro:
@@ -147,17 +151,17 @@ class Trainer:
             window_steps += 1
             self.logger.advance(self.step)
             if due(self.step, self.cfg.log.every, self.total_steps):
-                self._stop_if_nonfinite()
-                metrics = host_values(step_metrics)  # NOTE: the loop's only read of device values
-                metrics["lr"] = self.strategy.lr
-                metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
-                self._log(metrics)
+                if not self._check_nonfinite():  # NOTE: after a rollback the window's metrics are of discarded updates
+                    metrics = host_values(step_metrics)  # NOTE: the loop's only read of device values
+                    metrics["lr"] = self.strategy.lr
+                    metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
+                    self._log(metrics)
                 window_start, window_steps = time.perf_counter(), 0
             self._maybe_evaluate()
             self.checkpoints.check()
             self.stopped_by = stop.poll() if self.step < self.total_steps else None
             if self.stopped_by or self.checkpoints.should_save(self.step, self.total_steps):
-                self._stop_if_nonfinite()  # NOTE: never a checkpoint of a diverged model
+                self._check_nonfinite()  # NOTE: never a checkpoint of a diverged model
                 with self.watchdog.allow():
                     self.checkpoints.save(self.step, self.state_dict())
             if self.stopped_by:
@@ -179,36 +183,68 @@ class Trainer:
     def _maybe_evaluate(self) -> None:
         if self.evaluator is None or not due(self.step, self.cfg.eval.every, self.total_steps):
             return
-        self._stop_if_nonfinite()
+        self._check_nonfinite()
         with self.watchdog.allow():
             self.last_eval = self.evaluator(self.strategy.unwrapped(), normalize=self.normalize,
                                             autocast=self.strategy.autocast)
         self.logger.log(self.step, self.last_eval, console_keys=tuple(k for k in self.last_eval if is_headline(k)))
 
-    def _note_nonfinite(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Remember the first step whose loss or gradient norm is NaN or inf, on the device (no
-        sync); `_stop_if_nonfinite` reads it where the loop syncs anyway."""
-        first = self.first_nonfinite
-        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(torch.as_tensor(metrics["grad_norm"]).to(first.device))
-        self.first_nonfinite = torch.where((first == 0) & ~finite, self.step, first)
-
-    def _stop_if_nonfinite(self) -> None:
-        """Collective (at log, eval and save points, which every rank reaches together): stop the
-        run once any rank has seen a non-finite loss or gradient norm, before it is evaluated or
-        saved. Training on would only spread NaN through the weights."""
-        first = self.first_nonfinite.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            first = torch.where(first == 0, torch.iinfo(torch.int64).max, first)
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            first = torch.where(first == torch.iinfo(torch.int64).max, 0, first)
-        step = int(first.item())
-        if step:
-            latest = self.checkpoints.dir / "latest"
-            kept = f"{self.checkpoints.dir}/{latest.read_text().strip()}" if latest.exists() else "none yet"
+    def _check_nonfinite(self) -> bool:
+        """Collective (at log, eval and save points, which every rank reaches together): act on
+        the steps whose loss or gradient norm was not finite since the last check, as
+        health.on_nan says. Whether the run rolled back."""
+        first, count = self.nonfinite.agree()
+        if not first:
+            self.nonfinite.reset()
+            return False
+        policy, keys = self.cfg.health.on_nan, self.nonfinite.keys_of(first)
+        what = f"the loss or gradient norm is not finite at step {first}"
+        if count > 1:
+            what += f" and {count - 1} more step(s) up to {self.step}"
+        latest = self.checkpoints.dir / "latest"
+        kept = f"{self.checkpoints.dir}/{latest.read_text().strip()}" if latest.exists() else "none yet"
+        advice = (f"(newest checkpoint: {kept}). Lower optim.lr or raise optim.warmup_steps, look at those "
+                  f"samples (data.ledger=true names every step's), or train in fp32")
+        if policy == "stop":
+            raise TrainingDiverged(f"{what} (step {first}'s {describe(keys)}); stopped without evaluating or "
+                                   f"saving {advice}")
+        if self.nonfinite.too_many(self.step, [first] * (count if policy == "skip" else 1)):
+            tried = "; ".join(self.nonfinite.tried) or "nothing"
             raise TrainingDiverged(
-                f"the loss or gradient norm is not finite from step {step} (seen at step {self.step}); stopped "
-                f"without evaluating or saving (newest checkpoint: {kept}). Lower optim.lr or raise "
-                f"optim.warmup_steps, look at that step's samples (data.ledger=true names them), or train in fp32")
+                f"{what} (step {first}'s {describe(keys)}): more than health.nan_max_events="
+                f"{self.nonfinite.max_events} such steps within {self.nonfinite.window} steps (at steps "
+                f"{', '.join(map(str, self.nonfinite.events))}); tried: {tried}; stopped {advice}")
+        self.nonfinite.reset()
+        if policy == "skip":
+            self.nonfinite.tried.append(f"skipped the update of step {first}" + (f" (+{count - 1})" if count > 1 else ""))
+            if self.dims.is_main:
+                print(f"lvmtrain: warning: {what}: its update was skipped (health.on_nan=skip); step {first}'s "
+                      f"{describe(keys)}", file=sys.stderr, flush=True)
+            return False
+        self._rollback(first, what, keys)
+        return True
+
+    def _rollback(self, first: int, what: str, keys: list[str]) -> None:
+        """Reload the newest checkpoint's weights, optimizer and task state; the step count, lr
+        schedule, data position and logs go on (the batches since the checkpoint are skipped)."""
+        self.checkpoints.wait()
+        found = from_rank0(lambda: newest_verified(self.checkpoints.dir), CheckpointError)
+        if not found:
+            raise TrainingDiverged(f"{what} (step {first}'s {describe(keys)}) and there is no checkpoint to roll "
+                                   f"back to yet (health.on_nan=rollback); lower checkpoint.every or optim.lr")
+        path = found[0]
+        state = self.checkpoints.load(path, {"strategy": self.strategy.load_template()})
+        state["strategy"]["scheduler"] = self.strategy.scheduler.state_dict()  # the schedule goes on
+        self.strategy.load_state_dict(state["strategy"])
+        self.task.load_state_dict(state.get("task", {}))
+        discarded = [state["step"] + 1, self.step]
+        self.nonfinite.tried.append(f"rolled back to step {state['step']} at step {self.step}")
+        if self.dims.is_main:
+            record_rollback(self.run_dir, {"step": first, "at": self.step, "checkpoint": str(path),
+                                           "discarded_steps": discarded, "keys": keys})
+            print(f"lvmtrain: warning: {what}: rolled back to {path} (health.on_nan=rollback); the updates of "
+                  f"steps {discarded[0]}..{discarded[1]} are discarded and their batches skipped; step {first}'s "
+                  f"{describe(keys)}", file=sys.stderr, flush=True)
 
     def _to_device(self, batch: Batch) -> Batch:
         out = batch.to(self.dims.device, self.task.fields)
@@ -216,6 +252,11 @@ class Trainer:
         if out.views is not None:  # views[0] is the image: normalised once
             out.views = [out.image if v is image else self.normalize(v) for v in out.views]
         batch.release()
+        if self.step + 1 == self._inject_nan_at:  # health.inject_nan_at: drills and tests, once
+            self._inject_nan_at = 0
+            out.image.fill_(float("nan"))
+            for v in out.views or ():
+                v.fill_(float("nan"))
         return out
 
     def _window_metrics(self, steps: int, elapsed: float) -> dict[str, float]:

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class HealthConfig:
-    """Training health: hung ranks (a watchdog per rank) and on-demand profiles."""
+    """Training health: non-finite steps, hung ranks (a watchdog per rank), on-demand profiles."""
+
+    on_nan: Literal["stop", "skip", "rollback"] = "stop"
+    """A step whose loss or gradient norm is NaN or inf (seen on the device, read where the loop
+    syncs anyway): stop, without evaluating or saving; skip: drop that update (on GPUs the fused
+    AdamW skips it on the device; elsewhere a host read of the norm; not under DeepSpeed);
+    rollback: reload the newest checkpoint's weights, optimizer and task state and go on with the
+    data after the bad step (its batches and those since the checkpoint are skipped, listed in
+    RUN/ledger/rollbacks.jsonl). Both count into nan_max_events."""
+    nan_max_events: int = 3
+    """skip / rollback: more non-finite steps than this within nan_window_steps stop the run,
+    naming the steps, their samples and what was tried."""
+    nan_window_steps: int = 1000
+    """skip / rollback: the window (in steps) nan_max_events counts over."""
+    inject_nan_at: int = 0
+    """Tests and drills: step N's images are NaN on rank 0 (once per process), so its loss and
+    every rank's gradients are. 0: never."""
 
     hang_timeout_s: float = 900.0
     """A step that has not finished after this long (a rank stopped, dead, or stuck in a

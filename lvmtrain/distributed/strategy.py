@@ -130,6 +130,7 @@ class TorchStrategy:
         self.dtype = AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(dims.device.type, enabled=precision == "fp16")
         self.grad_clip = 0.0
+        self.skip_nonfinite = False  # health.on_nan=skip: a step with a non-finite gradient norm changes nothing
 
     @property
     def fused_optimizer(self) -> bool:
@@ -164,11 +165,27 @@ class TorchStrategy:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if self.skip_nonfinite and not self.scaler.is_enabled():
+            self._step_if_finite(grad_norm)
+        else:  # NOTE: fp16's scaler already skips steps whose gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return grad_norm
+
+    def _step_if_finite(self, grad_norm: Tensor) -> None:
+        """The optimizer step, dropped when the (all-reduced, so every rank's alike) norm is not finite."""
+        bad = ~torch.isfinite(grad_norm)
+        if self.fused_optimizer:  # the fused kernel reads found_inf on the device: no host sync
+            self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not bad.item():  # NOTE: a host read of the norm (free on CPU, a sync on a GPU)
+            self.optimizer.step()
 
     @property
     def lr(self) -> float:

@@ -3,6 +3,7 @@ written, and torchrun's restart resumes the run to its end; profiles of chosen s
 steps after a SIGUSR2, are valid Chrome traces."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
+from lvmtrain.data.ledger import read_ledger
+from tests.conftest import REPO, read_metrics, run_lvmtrain
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +87,50 @@ def test_profiles_of_chosen_steps_and_after_sigusr2_are_chrome_traces(tmp_path, 
         marks = {e["name"] for e in events if e.get("name", "").startswith("lvmtrain step ")}
         assert len(marks) == steps, marks
         assert any("aten::" in e.get("name", "") for e in events)  # the ops themselves are in it
+
+
+def nan_args(tmp_path, shards, name, *extra):
+    return train_args(tmp_path, shards, name, 60, "checkpoint.every=10", "log.every=5", "data.ledger=true",
+                      "optim.warmup_steps=5", *extra)
+
+
+def final_loss(run_dir) -> float:
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    return sum(losses[-4:]) / 4
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, shards):
+    tmp = tmp_path_factory.mktemp("clean")
+    run_lvmtrain(nan_args(tmp, shards, "clean"), nproc=2)
+    return tmp / "clean"
+
+
+def test_nan_at_step_33_rolls_back_names_the_batch_and_finishes_like_a_clean_run(tmp_path, shards, clean_run):
+    proc = run_lvmtrain(nan_args(tmp_path, shards, "r", "health.on_nan=rollback", "health.inject_nan_at=33"), nproc=2)
+    run_dir = tmp_path / "r"
+    keys = read_ledger(run_dir)[33]  # the keys the ranks trained at step 33, as the ledger has them
+    rollback = [json.loads(line) for line in (run_dir / "ledger" / "rollbacks.jsonl").read_text().splitlines()]
+    assert len(rollback) == 1 and rollback[0]["step"] == 33 and rollback[0]["discarded_steps"] == [31, 35]
+    assert rollback[0]["keys"] == keys and len(keys) == 16
+    warning = [line for line in proc.stderr.splitlines() if "rolled back to" in line]
+    assert len(warning) == 1 and "not finite at step 33" in warning[0] and keys[0] in warning[0], proc.stderr[-3000:]
+    logged = [m for m in read_metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in logged] == [5, 10, 15, 20, 25, 30, 40, 45, 50, 55, 60]  # 35: discarded updates
+    assert all(math.isfinite(m["loss"]) for m in logged)
+    final, clean = final_loss(run_dir), final_loss(clean_run)
+    assert abs(final - clean) < 0.1 * clean, (final, clean)
+
+
+def test_nan_with_skip_drops_one_update_and_stops_past_the_event_budget(tmp_path, shards, clean_run):
+    proc = run_lvmtrain(nan_args(tmp_path, shards, "s", "health.on_nan=skip", "health.inject_nan_at=33"), nproc=2)
+    assert "not finite at step 33: its update was skipped" in proc.stderr
+    final, clean = final_loss(tmp_path / "s"), final_loss(clean_run)
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "s") if "loss" in m and m["step"] != 35)
+    assert abs(final - clean) < 0.05 * clean, (final, clean)
+    # no event allowed: the same step stops the run, naming the step, its samples and what was tried
+    proc = run_lvmtrain(nan_args(tmp_path, shards, "s0", "health.on_nan=skip", "health.inject_nan_at=33",
+                                 "health.nan_max_events=0"), nproc=2, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # (torchrun adds its own traceback)
+    assert "not finite at step 33" in proc.stderr and "more than health.nan_max_events=0" in proc.stderr
+    assert "tried: nothing" in proc.stderr and read_ledger(tmp_path / "s0")[33][0] in proc.stderr

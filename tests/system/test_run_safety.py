@@ -90,7 +90,7 @@ def test_divergence_stops_with_the_step_and_saves_nothing(shards, tmp_path):
     proc = run_lvmtrain(args(shards, tmp_path, "run.name=d", "optim.lr=1e4", "optim.warmup_steps=1",
                              "train.steps=6", "checkpoint.every=2"), check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "not finite from step" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "not finite at step" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     saved = sorted((tmp_path / "d" / "checkpoints").glob("step_*"))
     assert not any(p.name.endswith(".tmp") for p in saved)
     for ckpt in saved:  # what was saved before the divergence is finite
