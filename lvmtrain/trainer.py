@@ -25,7 +25,7 @@ from lvmtrain.data.transforms import ImageNormalizer
 from lvmtrain.distributed.dims import Dims, all_reduce_max, all_reduce_mean, barrier, from_rank0
 from lvmtrain.distributed.strategy import Strategy
 from lvmtrain.evaluation import Evaluator
-from lvmtrain.health.nonfinite import NonfiniteSteps, describe, record_rollback
+from lvmtrain.health.nonfinite import LossSpikes, NonfiniteSteps, describe, record_rollback
 from lvmtrain.health.profiling import StepProfiler
 from lvmtrain.health.watchdog import Watchdog
 from lvmtrain.metrics import MetricLogger, StepTimer, due, is_headline, memory_metrics, print0
@@ -93,6 +93,9 @@ class Trainer:
         health = self.cfg.health
         self.nonfinite = NonfiniteSteps(self.dims.device, health.nan_max_events, health.nan_window_steps)
         self.strategy.skip_nonfinite = health.on_nan == "skip"
+        self.spikes = LossSpikes(health.spike_zscore, health.spike_window, self.dims.device) \
+            if health.spike_zscore > 0 else None
+        self._spike = None  # the last step's verdict
         self._inject_nan_at = health.inject_nan_at if self.dims.rank == 0 else 0
         self.stopped_by, self.last_eval = None, {}
         self.timer = StepTimer(self.dims.device)
@@ -141,7 +144,7 @@ class Trainer:
             self.profiler.after(self.step)
             self.watchdog.beat(self.step)
             self.nonfinite.note(self.step, step_metrics["loss"], step_metrics["grad_norm"],
-                                [k for b in micro for k in b.keys])
+                                [k for b in micro for k in b.keys], self._spike)
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1].cursor)
             for batch in micro:
@@ -175,8 +178,9 @@ class Trainer:
         batches = [self._to_device(b) for b in micro_batches]
         with self.timer("fwd_bwd"):
             totals = self.task.train_step(self.strategy, batches)
+        self._spike = self.spikes(totals["loss"]) if self.spikes else None
         with self.timer("optimizer"):
-            grad_norm = self.strategy.step()
+            grad_norm = self.strategy.step(self._spike if self.cfg.health.on_spike == "skip" else None)
             self.task.on_step_end(self.strategy)
         return {**totals, "grad_norm": grad_norm}
 
@@ -193,12 +197,15 @@ class Trainer:
         """Collective (at log, eval and save points, which every rank reaches together): act on
         the steps whose loss or gradient norm was not finite since the last check, as
         health.on_nan says. Whether the run rolled back."""
-        first, count = self.nonfinite.agree()
+        first, count, spiked = self.nonfinite.agree()
         if not first:
             self.nonfinite.reset()
             return False
-        policy, keys = self.cfg.health.on_nan, self.nonfinite.keys_of(first)
-        what = f"the loss or gradient norm is not finite at step {first}"
+        health, keys = self.cfg.health, self.nonfinite.keys_of(first)
+        policy = health.on_spike if spiked else health.on_nan
+        what = (f"the loss spiked at step {first} (over health.spike_zscore={health.spike_zscore:g} standard "
+                f"deviations above the last {health.spike_window} steps')" if spiked
+                else f"the loss or gradient norm is not finite at step {first}")
         if count > 1:
             what += f" and {count - 1} more step(s) up to {self.step}"
         latest = self.checkpoints.dir / "latest"
@@ -218,7 +225,7 @@ class Trainer:
         if policy == "skip":
             self.nonfinite.tried.append(f"skipped the update of step {first}" + (f" (+{count - 1})" if count > 1 else ""))
             if self.dims.is_main:
-                print(f"lvmtrain: warning: {what}: its update was skipped (health.on_nan=skip); step {first}'s "
+                print(f"lvmtrain: warning: {what}: its update was skipped; step {first}'s "
                       f"{describe(keys)}", file=sys.stderr, flush=True)
             return False
         self._rollback(first, what, keys)
@@ -242,7 +249,7 @@ class Trainer:
         if self.dims.is_main:
             record_rollback(self.run_dir, {"step": first, "at": self.step, "checkpoint": str(path),
                                            "discarded_steps": discarded, "keys": keys})
-            print(f"lvmtrain: warning: {what}: rolled back to {path} (health.on_nan=rollback); the updates of "
+            print(f"lvmtrain: warning: {what}: rolled back to {path}; the updates of "
                   f"steps {discarded[0]}..{discarded[1]} are discarded and their batches skipped; step {first}'s "
                   f"{describe(keys)}", file=sys.stderr, flush=True)
 

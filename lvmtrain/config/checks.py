@@ -109,9 +109,12 @@ def validate(cfg: Config) -> None:
     if health.profile_steps and (len(health.profile_steps) != 2 or not 1 <= health.profile_steps[0] <= health.profile_steps[1]):
         raise ConfigError(f"health.profile_steps: {health.profile_steps} must be [start, end] with 1 <= start <= end "
                           "(steps are numbered from 1), or [] for none")
-    if health.on_nan == "skip" and cfg.parallel.backend == "deepspeed":
-        raise ConfigError("health.on_nan=skip: DeepSpeed steps its own optimizer, which cannot drop one update; "
-                          "use health.on_nan=rollback (or stop) with parallel.backend=deepspeed")
+    skips = health.on_nan == "skip" or (health.spike_zscore > 0 and health.on_spike == "skip")
+    if skips and cfg.parallel.backend == "deepspeed":
+        raise ConfigError("health.on_nan / health.on_spike=skip: DeepSpeed steps its own optimizer, which cannot "
+                          "drop one update; use rollback (or stop) with parallel.backend=deepspeed")
+    if health.spike_zscore < 0 or health.spike_window < 2:
+        raise ConfigError("health.spike_zscore: >= 0 (0: off); health.spike_window: >= 2 steps")
     if health.nan_max_events < 0 or health.nan_window_steps < 1 or health.inject_nan_at < 0:
         raise ConfigError("health.nan_max_events >= 0, health.nan_window_steps >= 1, health.inject_nan_at >= 0")
     if health.profile_signal_steps < 1:

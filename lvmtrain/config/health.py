@@ -22,6 +22,14 @@ class HealthConfig:
     naming the steps, their samples and what was tried."""
     nan_window_steps: int = 1000
     """skip / rollback: the window (in steps) nan_max_events counts over."""
+    spike_zscore: float = 0.0
+    """Loss spikes: a step whose loss (mean over ranks) is more than this many standard deviations
+    above the mean of the last spike_window steps is acted on as health.on_spike says. 0: off.
+    Costs one small all-reduce per step, no host sync."""
+    spike_window: int = 100
+    """Loss spikes: the steps whose losses the z-score is taken against (none judged before)."""
+    on_spike: Literal["stop", "skip", "rollback"] = "skip"
+    """Loss spikes: as health.on_nan (skip drops the spiking step's update), counted alike."""
     inject_nan_at: int = 0
     """Tests and drills: step N's images are NaN on rank 0 (once per process), so its loss and
     every rank's gradients are. 0: never."""

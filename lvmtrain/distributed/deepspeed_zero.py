@@ -119,7 +119,8 @@ class DeepSpeedStrategy:
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> Tensor:
+    def step(self, veto: Tensor | None = None) -> Tensor:
+        # NOTE: no veto here: DeepSpeed's engine cannot drop one update (the config check refuses skip)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # a tensor on the device, or a float (or None) by stage
         return torch.as_tensor(float("nan") if norm is None else norm)

@@ -50,6 +50,12 @@ def init_distributed(cfg: ParallelConfig, threads: int = 0) -> Dims:
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise ConfigError("parallel.dist_backend=nccl needs CUDA devices; on CPU use parallel.dist_backend=gloo (or auto)")
+    if backend == "nccl":
+        # NOTE: NCCL's flight recorder keeps the last collectives of each rank and dumps them when
+        # its own watchdog times out (30 min, after health.hang_timeout_s's stack dumps); a user's
+        # settings win (TORCH_NCCL_DEBUG_INFO_TEMP_FILE says where the dumps go)
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
                                 device_id=device if use_cuda else None)

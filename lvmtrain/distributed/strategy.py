@@ -56,8 +56,9 @@ class Strategy(Protocol):
     def backward(self, loss: Tensor) -> None:
         """Backward of a loss already divided by the number of micro-batches."""
 
-    def step(self) -> Tensor:
-        """Clip, optimizer step, schedule step, zero grads; return the pre-clip gradient norm."""
+    def step(self, veto: Tensor | None = None) -> Tensor:
+        """Clip, optimizer step (dropped where `veto`, a device bool, is true), schedule step, zero
+        grads; return the pre-clip gradient norm."""
 
     @property
     def lr(self) -> float: ...
@@ -161,13 +162,15 @@ class TorchStrategy:
     def backward(self, loss: Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> Tensor:
+    def step(self, veto: Tensor | None = None) -> Tensor:
+        """Clip, step, schedule; the update is dropped when `veto` (a device bool: a loss spike)
+        is true, or with `skip_nonfinite` when the gradient norm is not finite."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if self.skip_nonfinite and not self.scaler.is_enabled():
-            self._step_if_finite(grad_norm)
+        if (self.skip_nonfinite or veto is not None) and not self.scaler.is_enabled():
+            self._step_if_finite(grad_norm, veto)
         else:  # NOTE: fp16's scaler already skips steps whose gradients overflowed
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -175,9 +178,12 @@ class TorchStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _step_if_finite(self, grad_norm: Tensor) -> None:
-        """The optimizer step, dropped when the (all-reduced, so every rank's alike) norm is not finite."""
+    def _step_if_finite(self, grad_norm: Tensor, veto: Tensor | None) -> None:
+        """The optimizer step, dropped when the (all-reduced, so every rank's alike) norm is not
+        finite or `veto` (alike on every rank) is true."""
         bad = ~torch.isfinite(grad_norm)
+        if veto is not None:
+            bad = bad | veto.to(bad.device)
         if self.fused_optimizer:  # the fused kernel reads found_inf on the device: no host sync
             self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), None
             try:
