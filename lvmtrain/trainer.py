@@ -96,6 +96,7 @@ class Trainer:
         self.spikes = LossSpikes(health.spike_zscore, health.spike_window, self.dims.device) \
             if health.spike_zscore > 0 else None
         self._spike = None  # the last step's verdict
+        self._calm_until = 0  # steps up to this one run at health.rollback_lr_scale x the lr
         self._inject_nan_at = health.inject_nan_at if self.dims.rank == 0 else 0
         self.stopped_by, self.last_eval = None, {}
         self.timer = StepTimer(self.dims.device)
@@ -136,6 +137,10 @@ class Trainer:
             for hook in self.step_hooks:
                 hook(self.step + 1)
             self.profiler.before(self.step + 1)
+            if self.step < self._calm_until:  # NOTE: the schedule sets every step's lr afresh: this step only
+                for group in self.strategy.scheduler.optimizer.param_groups:
+                    group["lr"] *= self.cfg.health.rollback_lr_scale
+            lr = self.strategy.lr  # the lr this step trains with
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
             self.timer.add("data_wait", time.perf_counter() - t0)
@@ -156,7 +161,7 @@ class Trainer:
             if due(self.step, self.cfg.log.every, self.total_steps):
                 if not self._check_nonfinite():  # NOTE: after a rollback the window's metrics are of discarded updates
                     metrics = host_values(step_metrics)  # NOTE: the loop's only read of device values
-                    metrics["lr"] = self.strategy.lr
+                    metrics["lr"] = lr
                     metrics.update(self._window_metrics(window_steps, time.perf_counter() - window_start))
                     self._log(metrics)
                 window_start, window_steps = time.perf_counter(), 0
@@ -246,6 +251,7 @@ class Trainer:
         self.task.load_state_dict(state.get("task", {}))
         discarded = [state["step"] + 1, self.step]
         self.nonfinite.tried.append(f"rolled back to step {state['step']} at step {self.step}")
+        self._calm_until = self.step + self.cfg.health.rollback_lr_steps
         if self.dims.is_main:
             record_rollback(self.run_dir, {"step": first, "at": self.step, "checkpoint": str(path),
                                            "discarded_steps": discarded, "keys": keys})

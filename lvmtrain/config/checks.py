@@ -113,6 +113,8 @@ def validate(cfg: Config) -> None:
     if skips and cfg.parallel.backend == "deepspeed":
         raise ConfigError("health.on_nan / health.on_spike=skip: DeepSpeed steps its own optimizer, which cannot "
                           "drop one update; use rollback (or stop) with parallel.backend=deepspeed")
+    if not 0 < health.rollback_lr_scale <= 1 or health.rollback_lr_steps < 0:
+        raise ConfigError("health.rollback_lr_scale: in (0, 1]; health.rollback_lr_steps: >= 0")
     if health.spike_zscore < 0 or health.spike_window < 2:
         raise ConfigError("health.spike_zscore: >= 0 (0: off); health.spike_window: >= 2 steps")
     if health.nan_max_events < 0 or health.nan_window_steps < 1 or health.inject_nan_at < 0:

@@ -17,6 +17,11 @@ class HealthConfig:
     rollback: reload the newest checkpoint's weights, optimizer and task state and go on with the
     data after the bad step (its batches and those since the checkpoint are skipped, listed in
     RUN/ledger/rollbacks.jsonl). Both count into nan_max_events."""
+    rollback_lr_scale: float = 1.0
+    """rollback: the lr is multiplied by this for rollback_lr_steps steps after each rollback
+    (1: unchanged)."""
+    rollback_lr_steps: int = 0
+    """rollback: the steps rollback_lr_scale lasts."""
     nan_max_events: int = 3
     """skip / rollback: more non-finite steps than this within nan_window_steps stop the run,
     naming the steps, their samples and what was tried."""

@@ -18,7 +18,7 @@ from lvmtrain.data.batch import Batch
 from lvmtrain.data.multicrop import MultiCropTransform
 from lvmtrain.data.order import Cursor, EpochOrder
 from lvmtrain.data.sample import BadSample, Fields, read_sample
-from lvmtrain.data.shards import DataError, RemoteIO, RemoteReadError, ShardReader, ShardSet
+from lvmtrain.data.shards import DataError, RemoteIO, ShardReader, ShardSet
 from lvmtrain.data.transforms import ImageTransform, augment_uniforms, decode_rgb_array
 from lvmtrain.preemption import ignore_stop_signals
 
@@ -50,9 +50,10 @@ class _SampleDecoder:
         try:
             decoded = read_sample(sample, url, lambda offset, size: self.reader.read(url, offset, size), self.fields,
                                   lambda data: self.transform(decode_rgb_array(data), uniforms, out))
-        except RemoteReadError as e:
-            # NOTE: after io_retries: skipped and counted like any unusable sample, so one dead object
-            # costs its samples, while a dead server soon fills a whole batch (a DataError) or the
+        except OSError as e:  # RemoteReadError is one
+            # NOTE: after io_retries, or a local shard cut short or replaced under a running job:
+            # skipped and counted like any unusable sample, so one dead object costs its samples,
+            # while a dead server or disk soon fills a whole batch (a DataError) or the
             # data.max_bad_fraction budget, and stops the run with this message.
             raise BadSample("unreadable_sample", url, sample.key, str(e).removeprefix(f"{url}: ")) from None
         if out is not None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lvmtrain.config.schema import ConfigError
 from lvmtrain.data.batch import Batch
 from lvmtrain.models.layers import fwd_bwd_flops
 from lvmtrain.models.vit import VisionTransformer
@@ -234,6 +235,8 @@ class DinoTask(TaskDefaults):
     def views(self, image_size: int, patch_size: int) -> tuple[int, int, int]:
         """(global size, local size, local crops) the loader makes."""
         local = self.ssl.local_size or max(patch_size, round(image_size * 96 / 224 / patch_size) * patch_size)
+        if local % patch_size:
+            raise ConfigError(f"ssl.local_size: {local} px is not a multiple of the model's {patch_size} px patches")
         return image_size, local, self.ssl.local_crops
 
     def wrap_model(self, backbone: nn.Module) -> nn.Module:

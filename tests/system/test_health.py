@@ -5,6 +5,7 @@ steps after a SIGUSR2, are valid Chrome traces."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,8 +71,10 @@ def test_a_stopped_rank_is_named_dumped_and_the_restarted_run_finishes(tmp_path,
 
 def test_profiles_of_chosen_steps_and_after_sigusr2_are_chrome_traces(tmp_path, shards):
     run_dir = tmp_path / "p"
-    cmd = [sys.executable, "-m", "lvmtrain", *train_args(tmp_path, shards, "p", 60, "health.profile_steps=[10,12]",
-                                                          "health.profile_signal_steps=2", "checkpoint.every=0")]
+    args = train_args(tmp_path, shards, "p", 60, "health.profile_steps=[10,12]", "health.profile_signal_steps=2",
+                      "checkpoint.every=0")
+    args[1] = "configs/debug/clip.yaml"  # the demo's model
+    cmd = [sys.executable, "-m", "lvmtrain", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_step(run_dir, 20, proc)
@@ -107,7 +110,8 @@ def clean_run(tmp_path_factory, shards):
 
 
 def test_nan_at_step_33_rolls_back_names_the_batch_and_finishes_like_a_clean_run(tmp_path, shards, clean_run):
-    proc = run_lvmtrain(nan_args(tmp_path, shards, "r", "health.on_nan=rollback", "health.inject_nan_at=33"), nproc=2)
+    proc = run_lvmtrain(nan_args(tmp_path, shards, "r", "health.on_nan=rollback", "health.inject_nan_at=33",
+                                 "health.rollback_lr_scale=0.5", "health.rollback_lr_steps=8"), nproc=2)
     run_dir = tmp_path / "r"
     keys = read_ledger(run_dir)[33]  # the keys the ranks trained at step 33, as the ledger has them
     rollback = [json.loads(line) for line in (run_dir / "ledger" / "rollbacks.jsonl").read_text().splitlines()]
@@ -118,6 +122,9 @@ def test_nan_at_step_33_rolls_back_names_the_batch_and_finishes_like_a_clean_run
     logged = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in logged] == [5, 10, 15, 20, 25, 30, 40, 45, 50, 55, 60]  # 35: discarded updates
     assert all(math.isfinite(m["loss"]) for m in logged)
+    clean_lr = {m["step"]: m["lr"] for m in read_metrics(clean_run) if "lr" in m}
+    lr = {m["step"]: m["lr"] for m in logged}
+    assert lr[40] == pytest.approx(0.5 * clean_lr[40]) and lr[45] == pytest.approx(clean_lr[45])  # 36..43 calmer
     final, clean = final_loss(run_dir), final_loss(clean_run)
     assert abs(final - clean) < 0.1 * clean, (final, clean)
 
@@ -134,3 +141,22 @@ def test_nan_with_skip_drops_one_update_and_stops_past_the_event_budget(tmp_path
     assert proc.returncode == 1, proc.stderr[-3000:]  # (torchrun adds its own traceback)
     assert "not finite at step 33" in proc.stderr and "more than health.nan_max_events=0" in proc.stderr
     assert "tried: nothing" in proc.stderr and read_ledger(tmp_path / "s0")[33][0] in proc.stderr
+
+
+def test_a_shard_cut_short_mid_run_is_named_counted_and_the_run_finishes(tmp_path, shards):
+    data = tmp_path / "data"
+    shutil.copytree(shards["dir"] / "train", data)
+    run_dir = tmp_path / "c"
+    cmd = [sys.executable, "-m", "lvmtrain", *train_args(tmp_path, shards, "c", 120, "checkpoint.every=0",
+                                                          "data.max_bad_fraction=0.5", "data.batch_size=8")]
+    cmd[cmd.index(f"data.train={shards['train']}")] = f"data.train={data}/train-{{00000..00001}}.tar"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_step(run_dir, 10, proc)
+    victim = data / "train-00001.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a copy cut short under the run
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == 120 and last["data/bad_samples"] > 0
+    assert "train-00001.tar" in err, err[-3000:]

@@ -163,7 +163,7 @@ def test_views_move_and_are_normalised_on_the_device():
     views = [torch.randint(0, 256, (2, s, s, 3), dtype=torch.uint8) for s in (28, 28, 12)]
     batch = Batch(image=views[0], keys=["a", "b"], shards=["x", "x"], views=views)
     trainer = SimpleNamespace(dims=dims(), task=SimpleNamespace(fields=("views",)),
-                              normalize=ImageNormalizer([0.5] * 3, [0.25] * 3))
+                              normalize=ImageNormalizer([0.5] * 3, [0.25] * 3), step=0, _inject_nan_at=0)
     out = Trainer._to_device(trainer, batch)
     assert [tuple(v.shape) for v in out.views] == [(2, 3, 28, 28), (2, 3, 28, 28), (2, 3, 12, 12)]
     assert out.views[0] is out.image and out.image.dtype == torch.float32

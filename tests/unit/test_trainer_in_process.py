@@ -41,7 +41,7 @@ def test_a_self_supervised_run_trains_in_process(tmp_path, shards, task):
     teacher), DINO's loader makes its crops, and the k-NN set scores the features."""
     knn = f"[{{name: knn, kind: knn, data: '{shards['val']}', train: '{shards['val']}', k: 5}}]"
     small = (["ssl.out_dim=64", "ssl.head_hidden=32", "ssl.head_bottleneck=16", "ssl.local_crops=2",
-              "ssl.local_size=12", "ssl.ibot_weight=1"] if task == "dino" else ["ssl.decoder_depth=1", "ssl.decoder_width=32"])
+              "ssl.local_size=14", "ssl.ibot_weight=1"] if task == "dino" else ["ssl.decoder_depth=1", "ssl.decoder_width=32"])
     cfg = load_config(str(REPO / f"configs/debug/{task}.yaml"), [
         f"data.train={shards['train']}", "data.workers=0", "data.batch_size=8", "train.steps=2", "train.epochs=0",
         "log.every=1", "log.wandb=disabled", "checkpoint.every=0", f"log.dir={tmp_path}", "run.name=r",
