@@ -148,8 +148,9 @@ class Trainer:
             self.step += 1
             self.profiler.after(self.step)
             self.watchdog.beat(self.step)
-            self.nonfinite.note(self.step, step_metrics["loss"], step_metrics["grad_norm"],
-                                [k for b in micro for k in b.keys], self._spike)
+            # NOTE: in fp16 an overflowing gradient is the loss scaler's to skip, not a bad step
+            norm = None if self.cfg.train.precision == "fp16" else step_metrics["grad_norm"]
+            self.nonfinite.note(self.step, step_metrics["loss"], norm, [k for b in micro for k in b.keys], self._spike)
             self.samples_seen += self.global_batch
             self.cursor = Cursor(*micro[-1].cursor)
             for batch in micro:

@@ -44,7 +44,7 @@ class HealthConfig:
     collective) ends the run: every rank that can writes its Python stacks and last step to
     RUN/hang/, one line on rank 0's log names the ranks that stopped answering, and the processes
     exit with code 43, which torchrun restarts and slurm/train.sbatch requeues (both resume).
-    Evaluation and checkpoint saves get 10x as long. 0: off."""
+    The first step, evaluation and checkpoint saves get 10x as long. 0: off."""
     profile_steps: list[int] = field(default_factory=list)
     """[start, end]: trace steps start..end with torch.profiler into RUN/traces/ (Chrome / Perfetto
     JSON, a file per rank; with a CUDA memory snapshot on GPUs). []: none."""

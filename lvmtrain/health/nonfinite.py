@@ -29,9 +29,13 @@ class NonfiniteSteps:
         self.events: list[int] = []  # steps acted on (skipped, rolled back), for the window
         self.tried: list[str] = []
 
-    def note(self, step: int, loss: Tensor, grad_norm: Tensor, keys: list[str], spike: Tensor | None = None) -> None:
-        """After each step (no host sync); `spike`: `LossSpikes`' verdict."""
-        bad = ~(torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm).to(self.device)))
+    def note(self, step: int, loss: Tensor, grad_norm: Tensor | None, keys: list[str],
+             spike: Tensor | None = None) -> None:
+        """After each step (no host sync); `grad_norm` None: not judged (fp16, whose loss scaler
+        skips overflowing steps itself); `spike`: `LossSpikes`' verdict."""
+        bad = ~torch.isfinite(loss).to(self.device)
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm).to(self.device))
         if spike is not None:
             self.first_spike = torch.where((self.first_spike == 0) & spike & ~bad, step, self.first_spike)
             bad = bad | spike

@@ -50,7 +50,8 @@ class Watchdog:
     def __init__(self, timeout_s: float, run_dir: Path, rank: int, world: int):
         self.timeout, self.rank, self.world = timeout_s, rank, world
         self.interval = max(0.5, min(5.0, timeout_s / 4))
-        self.step, self.last, self.factor = 0, time.monotonic(), 1.0
+        # NOTE: the first step (loader workers starting, a cold torch.compile) gets 10x as well
+        self.step, self.last, self.factor = 0, time.monotonic(), 10.0
         self.enabled = timeout_s > 0
         if not self.enabled:
             return
@@ -68,7 +69,7 @@ class Watchdog:
         self._thread.start()
 
     def beat(self, step: int) -> None:
-        self.step, self.last = step, time.monotonic()
+        self.step, self.last, self.factor = step, time.monotonic(), 1.0
 
     @contextlib.contextmanager
     def allow(self, factor: float = 10.0):

@@ -31,6 +31,10 @@ def test_bad_steps_are_noted_without_a_host_read_and_agreed_with_their_kind():
     steps.note(4, ok, nan, ["d"])
     assert steps.agree() == (4, 1, False)
     assert not steps.too_many(4, [2, 4]) and steps.too_many(5, [5])  # 3 events > 2 within the window
+    steps.reset()
+    steps.note(6, ok, None, ["e"])  # fp16: an overflowing gradient is the loss scaler's business
+    steps.note(7, nan, None, ["f"])  # a NaN loss is not
+    assert steps.agree() == (7, 1, False)
     assert not steps.too_many(200, [])  # the window moved past them
 
 
