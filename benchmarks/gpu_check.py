@@ -17,7 +17,8 @@ AdamW) of our CLIP against open_clip's of the same preset, and the measured matm
 Cases (--cases picks some): plain, compile_blocks, compile_model, grad_ckpt, async_save, plain_fp16
 run one process on one GPU; ddp (2+ GPUs), fsdp, zero1, zero2, zero3, zero2_fp16, zero3_meta (meta_init,
 optimizer offload), siglip_flip and siglip_fsdp (SigLIP's ring loss with patch dropout 0.5 and 2
-micro-batches, under DDP / FSDP2) run on --gpus ranks;
+micro-batches, under DDP / FSDP2), mae_fsdp, dino_fsdp and dino_zero3 (self-supervised ViT-B/16, their own
+configs) run on --gpus ranks;
 resume continues async_save's run (else plain's) from its last checkpoint to more steps and checks
 that it did. --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
 adds a config override to every case.
@@ -72,7 +73,16 @@ CASES = {
     "siglip_flip": (["train.task=siglip", "model.patch_dropout=0.5", "train.grad_accum_steps=2"], True),
     "siglip_fsdp": (["train.task=siglip", "model.patch_dropout=0.5", "train.grad_accum_steps=2",
                      "parallel.backend=fsdp"], True),
+    # self-supervised ViTs (their own configs, SSL_CONFIGS): MAE's encoder and decoder units, DINO's
+    # multi-crop loader, teacher EMA on FSDP2 shards and on ZeRO-3 partitions
+    "mae_fsdp": (["parallel.backend=fsdp"], True),
+    "dino_fsdp": (["parallel.backend=fsdp"], True),
+    "dino_zero3": (["parallel.backend=deepspeed", "parallel.zero_stage=3"], True),
 }
+SSL_CONFIGS = {"mae_fsdp": "configs/mae_vit_b16.yaml", "dino_fsdp": "configs/dino_vit_b16.yaml",
+               "dino_zero3": "configs/dino_vit_b16.yaml"}
+# --cpu: the SSL cases on the tiny ViT with a small DINO head and 2 local crops
+SSL_CPU = ["model.name=vit_debug", "ssl.out_dim=1024", "ssl.head_hidden=256", "ssl.local_crops=2"]
 # --cpu: the tiny preset at 32 px, fp32, few short windows; (shards, samples each, image px) to write
 DEFAULTS = {
     "gpu": dict(model="clip_b16", batch_size=256, steps=40, log_every=10, precision="bf16", case_timeout_s=180,
@@ -248,11 +258,16 @@ def run_case(name: str, args, spec: str, results: dict, deadline: float) -> dict
         after, steps = args.steps, args.steps + max(2 * args.log_every, args.steps // 2)
         row["note"] = f"resumes {source} at step {after}"
     config = "configs/vit_b16.yaml" if args.model.startswith("vit") else "configs/clip_vit_b16.yaml"
+    fixed = args.fixed
+    if name in SSL_CONFIGS:  # a ViT, whatever --model says; no text tower to cut
+        config = SSL_CONFIGS[name]
+        fixed = [f for f in fixed if not f.startswith("model.context_length=")] + ["eval.sets=[]"] + \
+            (SSL_CPU if args.cpu else ["model.name=vit_b16"])
     common = [f"model.name={args.model}", f"data.train={spec}", "data.val=", f"data.batch_size={args.batch_size}",
               f"data.workers={loader_workers(args, ranks)}", f"train.steps={steps}", "train.epochs=0",
               f"train.precision={args.precision}", f"log.every={args.log_every}", f"log.dir={args.out / 'runs'}",
               f"run.name={name}", "log.wandb=disabled", "log.progress=lines",
-              f"optim.warmup_steps={max(1, args.steps // 4)}", *args.fixed]
+              f"optim.warmup_steps={max(1, args.steps // 4)}", *fixed]
     launcher = [sys.executable]
     if multi:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]

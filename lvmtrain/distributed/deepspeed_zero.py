@@ -154,6 +154,9 @@ class DeepSpeedStrategy:
         self._link_moments()
         model, moments = {}, {}
         for name, p in self._params():
+            if not p.requires_grad:  # DINO's teacher: no master copy, no moments: its own values
+                model[name] = _get_frozen(p)
+                continue
             model[name] = safe_get_full_fp32_param(p).detach().reshape(_shape(p)).cpu().clone()
             moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().reshape(_shape(p)).cpu().clone()
                              for k in MOMENTS}
@@ -172,7 +175,7 @@ class DeepSpeedStrategy:
         model = {n: torch.empty(_shape(p)) for n, p in self._params()}
         model.update({n: torch.empty_like(b, device="cpu") for n, b in self.engine.module.named_buffers()})
         moments = {n: {"step": torch.tensor(0.0), **{k: torch.empty(_shape(p)) for k in MOMENTS}}
-                   for n, p in self._params()}
+                   for n, p in self._params() if p.requires_grad}
         return {SHARDED: {"model": model, "optim": moments}, "optimizer": {"param_groups": []},
                 "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
@@ -197,6 +200,9 @@ class DeepSpeedStrategy:
         self._link_moments()
         for name, p in self._params():
             value = weights[name].to(self.dims.device, torch.float32).reshape(_shape(p))
+            if not p.requires_grad:
+                _set_low_precision_param(p, value)
+                continue
             _set_full(p, value)
             for key in MOMENTS:
                 if name in opt_state:
@@ -266,6 +272,14 @@ def _set_full(p: nn.Parameter, value: Tensor, moment: str | None = None) -> None
     rank, world = opt._get_param_partition_rank(p), opt._get_param_partition_world_size(p)
     flat = torch.nn.functional.pad(value.flatten(), (0, part.numel() * world - value.numel()))
     part.data.copy_(flat.narrow(0, part.numel() * rank, part.numel()))
+
+
+def _get_frozen(p: nn.Parameter) -> Tensor:
+    """A parameter the optimizer does not hold, whole, in fp32 on the host (ZeRO-3: gathered)."""
+    if hasattr(p, "ds_id"):
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.data.detach().float().cpu().clone()
+    return p.detach().float().cpu().clone()
 
 
 def _set_low_precision_param(p: nn.Parameter, value: Tensor) -> None:

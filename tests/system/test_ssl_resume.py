@@ -2,6 +2,7 @@
 masks, crops, the teacher, the centre and the schedules all come back; a DINO run saved on 2
 FSDP2 ranks goes on, on one process; the exports load in timm with the backbone's features."""
 
+import importlib.util
 import json
 import math
 
@@ -106,3 +107,18 @@ def test_mae_trains_and_is_scored_under_fsdp2(tmp_path, shards):
     run_lvmtrain(args(tmp_path, shards, "f", "mae", "parallel.backend=fsdp", "train.steps=3", knn), nproc=2)
     final = [m for m in read_metrics(tmp_path / "f") if "eval/knn/top1" in m][-1]
     assert final["step"] == 3 and final["eval/knn/samples"] == 512
+
+
+def test_dino_under_zero3_saves_its_teacher_and_resumes_under_ddp(tmp_path, shards):
+    """The teacher has no master copy or moments in ZeRO (it is not trained): it is saved from its
+    own (gathered) values, and comes back on another backend and world size."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is an extra: pip install 'lvmtrain[deepspeed]' (make test does)")
+    zero3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.lr=1e-2"]
+    run_lvmtrain(args(tmp_path, shards, "z", "dino", "train.steps=6", *zero3), nproc=2)
+    saved = load_weights(tmp_path / "z" / "checkpoints" / "step_00000006")[1]
+    teacher = {n: t for n, t in saved.items() if n.startswith("teacher.")}
+    assert teacher and any(not torch.equal(t, saved["student." + n[8:]]) for n, t in teacher.items())
+    resumed = run_lvmtrain(args(tmp_path, shards, "z", "dino", "data.batch_size=16", "optim.lr=1e-2"), nproc=1)
+    assert "resumed from" in resumed.stdout and "step_00000006" in resumed.stdout
+    assert logged(tmp_path / "z").keys() >= set(range(7, STEPS + 1))
