@@ -18,7 +18,7 @@ Cases (--cases picks some): plain, compile_blocks, compile_model, grad_ckpt, asy
 run one process on one GPU; ddp (2+ GPUs), fsdp, zero1, zero2, zero3, zero2_fp16, zero3_meta (meta_init,
 optimizer offload), siglip_flip and siglip_fsdp (SigLIP's ring loss with patch dropout 0.5 and 2
 micro-batches, under DDP / FSDP2), mae_fsdp, dino_fsdp and dino_zero3 (self-supervised ViT-B/16, their own
-configs) run on --gpus ranks;
+configs) run on --gpus ranks; health (a NaN step skipped on the device, a profile) on one;
 resume continues async_save's run (else plain's) from its last checkpoint to more steps and checks
 that it did. --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
 adds a config override to every case.
@@ -78,6 +78,9 @@ CASES = {
     "mae_fsdp": (["parallel.backend=fsdp"], True),
     "dino_fsdp": (["parallel.backend=fsdp"], True),
     "dino_zero3": (["parallel.backend=deepspeed", "parallel.zero_stage=3"], True),
+    # training health on the device: a NaN step dropped by the fused AdamW's found_inf (no host
+    # sync), a profile with a CUDA memory snapshot of steps 3-4
+    "health": (["health.on_nan=skip", "health.inject_nan_at=5", "health.profile_steps=[3,4]"], False),
 }
 SSL_CONFIGS = {"mae_fsdp": "configs/mae_vit_b16.yaml", "dino_fsdp": "configs/dino_vit_b16.yaml",
                "dino_zero3": "configs/dino_vit_b16.yaml"}

@@ -108,6 +108,15 @@ class Watchdog:
                 self._hang(stalled)
 
     def _hang(self, stalled: float) -> None:
+        if self.store is not None and not self._first_to_see():
+            # NOTE: one rank reads the heartbeats (at 4,096 ranks every rank doing so would be 16M
+            # store reads at once); the others wait for its verdict, then dump with it
+            deadline = time.monotonic() + 10 * self.interval
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if self.store.check(["hang"]):
+                        self._dump_and_exit(self.store.get("hang").decode(), detector=False)
+                time.sleep(self.interval / 4)
         diagnosis, silent = self._diagnosis()
         message = (f"hang: no step finished for {stalled:.0f} s after step {self.step} "
                    f"(health.hang_timeout_s={self.timeout:g}); {diagnosis}")
@@ -117,13 +126,21 @@ class Watchdog:
             self._wake_local(silent)  # NOTE: after "hang" is set: a woken rank dumps, it does not diagnose
         self._dump_and_exit(message, detector=True)
 
+    def _first_to_see(self) -> bool:
+        try:
+            return self.store.add("detectors", 1) == 1
+        except Exception:  # noqa: BLE001 - the store is gone: diagnose alone
+            return True
+
     def _diagnosis(self) -> tuple[str, list[int]]:
         """(What the ranks are doing, the ranks that went silent: no heartbeat for 3 intervals.)"""
         if self.store is None:
             return "one rank: its stacks show where it waits", []
         now, beats, silent = time.time(), {}, []
         for r in range(self.world):
-            try:
+            try:  # NOTE: check first: a get of a key never posted would wait out the store's timeout
+                if not self.store.check([f"beat/{r}"]):
+                    raise KeyError(r)
                 step, at = self.store.get(f"beat/{r}").decode().split()
                 beats[r] = (int(step), float(at))
             except Exception:  # noqa: BLE001 - never posted, or the store is gone

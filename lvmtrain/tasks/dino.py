@@ -166,12 +166,13 @@ class Dino(nn.Module):
     local_flops = 0  # set by the task from the local crops' size and number
 
 
-def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3, rows_vary: bool = False) -> Tensor:
     """Balanced soft assignments [B, K] of the teacher's logits over the global batch (every
     rank's rows: sums are all-reduced), as DINOv2's `SinkhornKnopp`."""
     q = torch.exp(logits.float() / temp).T  # K x B
-    # NOTE: ranks may hold different row counts (iBOT's masked patches): the total is summed
-    total_b = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    # NOTE: `rows_vary` (iBOT's masked patches): ranks hold different row counts, summed by one
+    # more all-reduce; the class tokens' rows are alike on every rank
+    total_b = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device)) if rows_vary else q.shape[1] * _world()
     k = q.shape[0]
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
@@ -300,7 +301,7 @@ class DinoTask(TaskDefaults):
         """Cross-entropy of the student's masked patches against the teacher's balanced
         assignments; each image's patches weigh 1 / its masked count, the sum over the images
         (DINOv2's `iBOTPatchLoss.forward_masked`)."""
-        targets = sinkhorn_knopp(teacher, temp)
+        targets = sinkhorn_knopp(teacher, temp, rows_vary=True)
         per_patch = -(targets * self.log_probs(student)).sum(-1)
         weights = (1.0 / masks.sum(-1).clamp(min=1))[:, None].expand_as(masks)[masks]
         return (per_patch * weights).sum() / masks.shape[0]
