@@ -99,6 +99,8 @@ PRESETS: dict[str, ViTConfig | CLIPConfig] = {
     "clip_b16": _clip(512, vision=(224, 16, 768, 12, 12), text=(512, 12, 8)),
     "clip_l14": _clip(768, vision=(224, 14, 1024, 24, 16), text=(768, 12, 12)),
     "clip_h14": _clip(1024, vision=(224, 14, 1280, 32, 16), text=(1024, 24, 16)),
+    "clip_g14": CLIPConfig(1024, CLIPVisionConfig(224, 14, 1408, 40, 16, mlp_ratio=48 / 11),
+                           TextConfig(width=1024, depth=24, num_heads=16)),
     # SigLIP (big_vision's B/16): no class token, the image pooled by the mean of its patch tokens
     # (big_vision's default is an attention-pool head), the sigmoid loss by default.
     "siglip_debug": _clip(128, vision=(32, 4, 128, 4, 4), text=(128, 3, 4), pool="avg", task="siglip"),

@@ -15,7 +15,7 @@ from lvmtrain.models.convert import TIMM_ARCHITECTURES
 from tests.conftest import OPEN_CLIP_DEBUG_CFG
 
 VIT_PRESETS = ["vit_debug", "vit_ti16", "vit_s16", "vit_b32", "vit_b16", "vit_l14", "vit_h14", "vit_g14"]
-CLIP_PRESETS = ["clip_debug", "clip_b32", "clip_b16", "clip_l14", "clip_h14", "siglip_debug", "siglip_b16"]
+CLIP_PRESETS = ["clip_debug", "clip_b32", "clip_b16", "clip_l14", "clip_h14", "clip_g14", "siglip_debug", "siglip_b16"]
 # Materialised in fp32 on CPU; the rest (up to ~1B parameters) are only run on the meta device.
 # vit_b16 and clip_b32 run for real at 224 in test_convert.py.
 SMALL = {"vit_debug", "vit_ti16", "vit_s16", "vit_b32", "clip_debug", "siglip_debug"}
@@ -27,6 +27,7 @@ OPEN_CLIP_NAMES = {
     "clip_b16": "ViT-B-16",
     "clip_l14": "ViT-L-14",
     "clip_h14": "ViT-H-14",
+    "clip_g14": "ViT-g-14",
 }
 
 
