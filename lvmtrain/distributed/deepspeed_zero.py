@@ -18,13 +18,12 @@ from pathlib import Path
 import deepspeed
 import torch
 import yaml
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
 from torch import Tensor, nn
 
 from lvmtrain.checkpoint_files import SHARDED
 from lvmtrain.config.schema import ConfigError, OptimConfig, ParallelConfig
 from lvmtrain.distributed.dims import Dims
+from lvmtrain.distributed.flat_slice import FlatSlice
 from lvmtrain.distributed.strategy import AUTOCAST_DTYPES, compile_model, ensure_process_group
 from lvmtrain.optim import build_optimizer, build_scheduler, param_group_names
 
@@ -146,69 +145,73 @@ class DeepSpeedStrategy:
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
 
-    def state_dict(self) -> dict:
-        """Full fp32 weights and Adam moments by parameter name, gathered from ZeRO's partitions
-        (collective; every rank gets them, DCP writes each once).
-        NOTE: whole tensors in host memory on every rank; writing ZeRO's partitions as slices of
-        flattened parameters would avoid it."""
-        self._link_moments()
-        model, moments = {}, {}
-        for name, p in self._params():
-            if not p.requires_grad:  # DINO's teacher: no master copy, no moments: its own values
-                model[name] = _get_frozen(p)
-                continue
-            model[name] = safe_get_full_fp32_param(p).detach().reshape(_shape(p)).cpu().clone()
-            moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().reshape(_shape(p)).cpu().clone()
-                             for k in MOMENTS}
-        for name, buf in self.engine.module.named_buffers():
-            model[name] = buf.detach().cpu().clone()
-        base = self.engine.optimizer.optimizer
-        steps = [s["step"] for s in base.state.values() if "step" in s]
-        step = torch.as_tensor(steps[0]).float().cpu() if steps else torch.tensor(0.0)
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
-                  for g, names in zip(self.engine.optimizer.param_groups, self.group_names)]
-        return {SHARDED: {"model": model, "optim": {n: {"step": step.clone(), **m} for n, m in moments.items()}},
-                "optimizer": {"param_groups": groups}, "scheduler": self.scheduler.state_dict(), "scaler": {}}
-
-    def load_template(self) -> dict:
-        """Empty full-size fp32 tensors of every weight and moment (ZeRO's own are partitions)."""
-        model = {n: torch.empty(_shape(p)) for n, p in self._params()}
-        model.update({n: torch.empty_like(b, device="cpu") for n, b in self.engine.module.named_buffers()})
-        moments = {n: {"step": torch.tensor(0.0), **{k: torch.empty(_shape(p)) for k in MOMENTS}}
-                   for n, p in self._params() if p.requires_grad}
-        return {SHARDED: {"model": model, "optim": moments}, "optimizer": {"param_groups": []},
-                "scheduler": self.scheduler.state_dict(), "scaler": {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        weights, opt_state = state[SHARDED]["model"], state[SHARDED]["optim"]
-        missing = [n for n, _ in self._params() if n not in weights]
-        if missing:
-            raise ConfigError(f"checkpoint lacks parameters {missing[:5]} of this model")
-        steps = [s["step"] for s in opt_state.values() if "step" in s]
+    def _ensure_moments(self) -> None:
+        """Adam's moments of every flat partition, zeros where no step has made them yet, linked
+        to each parameter's fragment (to be saved from, or loaded into, in place)."""
         base = self.engine.optimizer.optimizer
         # NOTE: ZeRO-3 hands its flat partitions to the optimizer only during step().
         flats = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) \
             or [flat for group in base.param_groups for flat in group["params"]]
         for flat in flats:
-            # NOTE: torch's Adam creates its state at the first step; ZeRO's flat partitions need
-            # it now to receive the saved moments.
-            if not base.state[flat]:
-                base.state[flat] = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-            # NOTE: the fused kernel wants its step counts beside the parameters; foreach on the host.
-            base.state[flat]["step"] = torch.tensor(float(steps[0]) if steps else 0.0,
-                                                    device=flat.device if base.defaults.get("fused") else "cpu")
+            if not base.state[flat]:  # torch's Adam creates its state at the first step
+                base.state[flat] = {k: torch.zeros_like(flat) for k in MOMENTS}
+                # NOTE: the fused kernel wants its step counts beside the parameters; foreach on the host.
+                base.state[flat]["step"] = torch.tensor(0.0, device=flat.device if base.defaults.get("fused") else "cpu")
         self._link_moments()
+
+    def _slices(self, *, saving: bool) -> dict:
+        """The fp32 weights and Adam moments this rank's ZeRO partitions hold, as `FlatSlice`s of
+        each parameter by name (views: no copy), with the step count and buffers whole (DCP writes
+        those once). A frozen parameter (DINO's teacher: no master copy, no moments) is saved
+        from its own values, each rank a 1/world range; loaded into them whole (ZeRO-1/2) or
+        into its partition (ZeRO-3)."""
+        self._ensure_moments()
+        base = self.engine.optimizer.optimizer
+        steps = [s["step"] for s in base.state.values() if "step" in s]
+        step = torch.as_tensor(steps[0]).float().cpu() if steps else torch.tensor(0.0)
+        model, moments = {}, {}
         for name, p in self._params():
-            value = weights[name].to(self.dims.device, torch.float32).reshape(_shape(p))
+            shape = _shape(p)
             if not p.requires_grad:
-                _set_low_precision_param(p, value)
+                start, flat = _frozen_range(p, whole=not saving)
+                model[name] = FlatSlice(shape, flat, start, torch.float32 if saving else None)
                 continue
-            _set_full(p, value)
-            for key in MOMENTS:
-                if name in opt_state:
-                    _set_full(p, opt_state[name][key].to(value.device).reshape(_shape(p)), key)
-            _set_low_precision_param(p, value)
-        for group, saved in zip(self.engine.optimizer.param_groups, state["optimizer"]["param_groups"]):
+            start, views = _fp32_ranges(p)
+            model[name] = FlatSlice(shape, views[None], start)
+            moments[name] = {"step": step.clone(), **{k: FlatSlice(shape, views[k], start) for k in MOMENTS}}
+        for name, buf in self.engine.module.named_buffers():
+            model[name] = buf.detach()
+        return {"model": model, "optim": moments}
+
+    def state_dict(self) -> dict:
+        """fp32 weights and Adam moments by parameter name, each rank writing only the ranges its
+        ZeRO partitions hold (`FlatSlice`): no parameter is gathered, no rank holds more than its
+        partition (plus, while DCP writes it, one chunk). Collective."""
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                  for g, names in zip(self.engine.optimizer.param_groups, self.group_names)]
+        return {SHARDED: self._slices(saving=True), "optimizer": {"param_groups": groups},
+                "scheduler": self.scheduler.state_dict(), "scaler": {}}
+
+    def load_template(self) -> dict:
+        """This rank's partitions themselves (as `FlatSlice`s): DCP reads the checkpoint, from any
+        backend and world size, straight into them."""
+        return {SHARDED: self._slices(saving=False), "optimizer": {"param_groups": []},
+                "scheduler": self.scheduler.state_dict(), "scaler": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """`state` as read into `load_template()`: the fp32 partitions already hold the weights
+        and moments; here the step counts, the low-precision copies, the hyper-parameters."""
+        steps = [s["step"] for s in state[SHARDED]["optim"].values() if "step" in s]
+        base = self.engine.optimizer.optimizer
+        for flat_state in base.state.values():
+            flat_state["step"].fill_(float(steps[0]) if steps else 0.0)
+        opt = self.engine.optimizer
+        if hasattr(opt, "update_lp_params"):  # ZeRO-1/2: each rank's bf16 partition, all-gathered
+            opt.update_lp_params()
+        else:  # ZeRO-3: the parameters' own partitions
+            for group in range(len(opt.fp16_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(group)
+        for group, saved in zip(opt.param_groups, state["optimizer"]["param_groups"]):
             # NOTE: the schedule sets the lr only at its next step; the current one is in the groups.
             group.update({k: saved[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps") if k in saved})
         self.scheduler.load_state_dict(state["scheduler"])
@@ -257,40 +260,43 @@ def _shape(p: nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-def _set_full(p: nn.Parameter, value: Tensor, moment: str | None = None) -> None:
-    """Write a full fp32 tensor (the master weight, or an Adam moment) into ZeRO's partitions."""
-    if not hasattr(p, "ds_id"):  # ZeRO-1/2: DeepSpeed's own helpers
-        if moment is None:
-            safe_set_full_fp32_param(p, value)
-        else:
-            safe_set_full_optimizer_state(p, value, moment)
-        return
-    # NOTE: ZeRO-3's set_full_hp_param cuts the unpadded tensor, which fails for a parameter with
-    # fewer elements than ranks (logit_scale); the partitions are of the padded one.
-    opt = p._z3_optimizer
-    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=moment)
-    rank, world = opt._get_param_partition_rank(p), opt._get_param_partition_world_size(p)
-    flat = torch.nn.functional.pad(value.flatten(), (0, part.numel() * world - value.numel()))
-    part.data.copy_(flat.narrow(0, part.numel() * rank, part.numel()))
+def _z3_range(p: nn.Parameter) -> tuple[int, int]:
+    """(start, length) of a ZeRO-3 parameter's elements in this rank's partition: rank r holds
+    [r * n, (r + 1) * n) of the flattened parameter padded to a multiple of the ranks (the last
+    ranks' partitions are part or all padding)."""
+    part = p.partition_numel()
+    start = min(torch.distributed.get_rank(group=getattr(p, "ds_process_group", None)) * part, p.ds_numel)
+    return start, min(part, p.ds_numel - start)
 
 
-def _get_frozen(p: nn.Parameter) -> Tensor:
-    """A parameter the optimizer does not hold, whole, in fp32 on the host (ZeRO-3: gathered)."""
+def _fp32_ranges(p: nn.Parameter) -> tuple[int, dict[str | None, Tensor]]:
+    """(where this rank's range starts in the flattened parameter, {None: its fp32 master weights,
+    "exp_avg" / "exp_avg_sq": its moments}): views into ZeRO's flat partitions (empty where this
+    rank holds none of it)."""
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        start, valid = _z3_range(p)
+        views = {key: p._z3_optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                                     optim_state_key=key)[0]
+                 for key in (None, *MOMENTS)}
+        return start, {key: v.narrow(0, 0, valid) for key, v in views.items()}
+    mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2: the fragment of the flat group on this rank
+    if mapping is None:
+        return 0, {key: torch.empty(0) for key in (None, *MOMENTS)}
+    return mapping.lp_fragment_address.start, {key: mapping.get_hp_fragment(key) for key in (None, *MOMENTS)}
+
+
+def _frozen_range(p: nn.Parameter, *, whole: bool) -> tuple[int, Tensor]:
+    """(start, the flat values) of a parameter the optimizer does not hold: its ZeRO-3 partition;
+    under ZeRO-1/2 (every rank has all of it) all of it when `whole`, else a 1/world share."""
     if hasattr(p, "ds_id"):
-        with deepspeed.zero.GatheredParameters([p]):
-            return p.data.detach().float().cpu().clone()
-    return p.detach().float().cpu().clone()
-
-
-def _set_low_precision_param(p: nn.Parameter, value: Tensor) -> None:
-    """The module's own (bf16 / fp16 / fp32) copy, which the optimizer only refreshes at its next step."""
-    if hasattr(p, "ds_id"):  # ZeRO-3: partitioned; gather, set on rank 0, re-partition
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            if torch.distributed.get_rank() == 0:
-                p.data.copy_(value.to(p.dtype))
-    else:
-        with torch.no_grad():
-            p.data.copy_(value.to(p.dtype))
+        start, valid = _z3_range(p)
+        return start, p.ds_tensor.data.narrow(0, 0, valid)
+    flat = p.data.view(-1)
+    if whole:
+        return 0, flat
+    share = -(-flat.numel() // torch.distributed.get_world_size())
+    start = min(torch.distributed.get_rank() * share, flat.numel())
+    return start, flat.narrow(0, start, min(share, flat.numel() - start))
 
 
 def _read_overrides(path: str) -> dict:

@@ -10,8 +10,9 @@ so a state saved under one engine loads under any other:
      "scheduler": LambdaLR state, "scaler": GradScaler state}
 ("optim" and "param_groups" are `torch.distributed.checkpoint.state_dict`'s optimizer state dict's
 "state" and "param_groups"). The tensors under "sharded" (`checkpoint_files.SHARDED`) are as the
-engine holds them: DTensor shards under FSDP2, whole tensors under DDP and ZeRO;
-torch.distributed.checkpoint saves and reshards either.
+engine holds them: DTensor shards under FSDP2, whole tensors under DDP, `FlatSlice`s (the ranges of
+each flattened parameter its partitions hold) under ZeRO; torch.distributed.checkpoint saves and
+reshards any of them into any other.
 """
 
 from __future__ import annotations

@@ -123,13 +123,15 @@ def test_meta_init_builds_sharded_and_trains(shards, tmp_path, backend):
 
 @needs_deepspeed
 def test_checkpoint_moves_between_backends(shards, tmp_path):
-    """One run, resumed under another backend and world size each time (DDP on 2 ranks -> FSDP2 on
-    3 -> ZeRO-3 on 1 -> DDP on 3), follows the uninterrupted single-process run step for step:
-    weights, Adam moments, schedule, data position."""
+    """One run, resumed under another backend and world size each time (ZeRO-2 on 2 ranks -> FSDP2
+    on 3 -> ZeRO-3 on 2 -> DDP on 1 -> ZeRO-2 on 3), follows the uninterrupted single-process run
+    step for step: weights, Adam moments, schedule, data position. ZeRO writes and reads only
+    its partitions' ranges of each parameter; DDP and FSDP2 read them whole or as their shards."""
     constant = ["optim.schedule=constant", "checkpoint.every=2"]
     ref = train(shards, tmp_path / "ref", "ref", "data.batch_size=48", *constant)
-    chain = [(4, 2, ["parallel.backend=ddp"]), (6, 3, ["parallel.backend=fsdp"]),
-             (8, 1, ["parallel.backend=deepspeed", "parallel.zero_stage=3"]), (10, 3, ["parallel.backend=ddp"])]
+    zero2, zero3 = (["parallel.backend=deepspeed", f"parallel.zero_stage={k}"] for k in (2, 3))
+    chain = [(2, 2, zero2), (4, 3, ["parallel.backend=fsdp"]), (6, 2, zero3), (8, 1, ["parallel.backend=ddp"]),
+             (10, 3, zero2)]
     for steps, ranks, backend in chain:
         run = train(shards, tmp_path, "chain", f"data.batch_size={48 // ranks}", *constant, *backend,
                     nproc=ranks, steps=steps)
