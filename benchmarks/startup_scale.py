@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _proc import kb_fields
+
 from lvmtrain.config.schema import DataConfig
 from lvmtrain.data.build import load_demo_source
 from lvmtrain.data.dataset_index import FORMAT, VERSION
@@ -153,29 +155,16 @@ class TreeMonitor:
                 rank = pid
             self.role.setdefault(pid, "agent" if depth < self.rank_depth else
                                  "rank" if depth == self.rank_depth else "worker")
-            status = _kb_fields(f"/proc/{pid}/status")
+            status = kb_fields(f"/proc/{pid}/status")
             rss = max(status.get("VmRSS", 0), status.get("VmHWM", 0))
             self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
             if rank is not None:
                 self.rank_of[pid] = rank
-                pss[rank] = pss.get(rank, 0) + _kb_fields(f"/proc/{pid}/smaps_rollup").get("Pss", 0)
+                pss[rank] = pss.get(rank, 0) + kb_fields(f"/proc/{pid}/smaps_rollup").get("Pss", 0)
             walk += [(child, depth + 1, rank) for child in children.get(pid, ())]
         for rank, total in pss.items():
             self.group_pss[rank] = max(self.group_pss.get(rank, 0), total)
 
-
-def _kb_fields(path: str) -> dict[str, int]:
-    """`Name: N kB` lines of a /proc file, in bytes; {} once the process is gone."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        if value.endswith(" kB"):
-            out[name] = int(value[:-3]) * 1024
-    return out
 
 
 def run_train(ranks: int, index: Path, logs: Path, args: argparse.Namespace) -> dict:
