@@ -237,8 +237,9 @@ def worker(backend: str, out_dir: str) -> None:
     result = {"rank": dims.rank}
     for mode in ("sync", "async"):
         manager = CheckpointManager(CheckpointConfig(async_save=mode == "async", keep=1), Path(out_dir) / mode, dims)
-        # NOTE: the sync saves warm up (imports, DCP's planner); each mode's first save is measured.
-        # (Later async saves under DeepSpeed measure higher on ranks but 0: see the README.)
+        # NOTE: the sync saves warm up (imports, DCP's planner); one async save is measured: its
+        # staged copy is freed by DCP's thread just after wait() returns on a rank that does not
+        # commit, so a second one could start from a higher baseline.
         for step in (1, 2) if mode == "sync" else (2,):
             gc.collect()
             # NOTE: memory the last save freed can stay resident in the heap, and a save reusing it
