@@ -104,29 +104,33 @@ def _record_bytes(ndim: int) -> int:
 RECORD = {ndim: _record_bytes(ndim) for ndim in range(5)}
 
 
+def _share(backend: str, p: Param, world: int) -> int:
+    """ZeRO-3 and FSDP2: the elements of `p` each rank's (padded) shard has room for: ceil(n / N),
+    or ceil(rows / N) whole rows."""
+    if backend == "zero3":
+        return -(-p.numel // world)
+    rows = p.shape[0] if p.shape else 1
+    return -(-rows // world) * (p.numel // rows)
+
+
+def _zero2_part(params: list[Param], group: int, world: int) -> int:
+    """ZeRO-1/2: a rank's elements of a param group's flat buffer, padded to a multiple of 2 x N."""
+    return -(-sum(p.numel for p in params if p.group == group) // (2 * world)) * 2
+
+
 def ranges(backend: str, params: list[Param], world: int, rank: int) -> dict[str, tuple[int, int]]:
     """{parameter: (start, stop)} of its flattened elements this rank holds (FSDP2: whole rows)."""
     out = {}
-    if backend == "zero2":
-        for group in (0, 1):
-            members = [p for p in params if p.group == group]
-            total = sum(p.numel for p in members)
-            align = 2 * world
-            part = -(-total // align) * align // world
-            lo, hi, offset = rank * part, (rank + 1) * part, 0
-            for p in members:
-                out[p.name] = (min(max(lo - offset, 0), p.numel), min(max(hi - offset, 0), p.numel))
-                offset += p.numel
-    elif backend == "zero3":
+    if backend != "zero2":
         for p in params:
-            part = -(-p.numel // world)
-            out[p.name] = (min(rank * part, p.numel), min((rank + 1) * part, p.numel))
-    else:
-        for p in params:
-            rows = p.shape[0] if p.shape else 1
-            inner = p.numel // rows
-            c = -(-rows // world)
-            out[p.name] = (min(rank * c, rows) * inner, min((rank + 1) * c, rows) * inner)
+            share = _share(backend, p, world)
+            out[p.name] = (min(rank * share, p.numel), min((rank + 1) * share, p.numel))
+        return out
+    for group in (0, 1):
+        part, offset = _zero2_part(params, group, world), 0
+        for p in (p for p in params if p.group == group):
+            out[p.name] = (min(max(rank * part - offset, 0), p.numel), min(max((rank + 1) * part - offset, 0), p.numel))
+            offset += p.numel
     return out
 
 
@@ -134,11 +138,8 @@ def padded(backend: str, params: list[Param], world: int) -> int:
     """Elements of each of a rank's state buffers (weights; each moment the same): what an async
     save stages."""
     if backend == "zero2":
-        return sum(-(-sum(p.numel for p in params if p.group == g) // (2 * world)) * 2 for g in (0, 1))
-    if backend == "zero3":
-        return sum(-(-p.numel // world) for p in params)
-    return sum(-(-(p.shape[0] if p.shape else 1) // world) * (p.numel // (p.shape[0] if p.shape else 1))
-               for p in params)
+        return sum(_zero2_part(params, g, world) for g in (0, 1))
+    return sum(_share(backend, p, world) for p in params)
 
 
 def chunks(backend: str, params: list[Param], world: int, rank: int) -> list[Chunk]:
@@ -152,15 +153,14 @@ def chunks(backend: str, params: list[Param], world: int, rank: int) -> list[Chu
         start, stop = own[p.name]
         if start >= stop:
             return []
-        if backend == "fsdp2":
-            rows = p.shape[0] if p.shape else 1
-            short = (stop - start) < -(-rows // world) * (p.numel // rows)
+        if backend == "fsdp2":  # one chunk; a short last shard is a view DCP copies
+            short = stop - start < _share(backend, p, world)
             return [Chunk(stop - start, len(p.shape), copied=key == "weight" and short)]
         return [Chunk(math.prod(s), len(p.shape), False) for _, s in boxes(p.shape, start, stop)]
 
     out = [c for p in params for c in pieces(p, "weight")]
-    for p in params:
-        out += [Chunk(1, 0, False)] if params.index(p) % world == rank % world else []
+    for i, p in enumerate(params):
+        out += [Chunk(1, 0, False)] if i % world == rank else []
         out += [c for key in KEYS[1:] for c in pieces(p, key)]
     return out
 
@@ -186,7 +186,7 @@ def budget(backend: str, params: list[Param], world: int, *, on_gpu: bool = True
     records = sum(rank_bytes[r] - sum(c.numel for c in per_rank[r]) * FP32 for r in ranks) / len(ranks)
     on_host = {r: sync_extra(items, on_gpu=False) for r, items in per_rank.items()}
     return {"rank_bytes": rank_bytes, "sync_host": sync, "async_host": {r: staged + on_host[r] for r in ranks},
-            "total_bytes": state + world * records, "gathered_host": state}
+            "staged": staged, "total_bytes": state + world * records, "gathered_host": state}
 
 
 def table(node_gbps: float, d2h_gbps: float, gpus_per_node: int) -> None:
@@ -204,7 +204,7 @@ def table(node_gbps: float, d2h_gbps: float, gpus_per_node: int) -> None:
                 b = budget(backend, params, world)
                 rank = max(b["rank_bytes"].values())
                 write = gpus_per_node * rank / (node_gbps * gb)
-                stall = padded(backend, params, world) * len(KEYS) * FP32 / (d2h_gbps * gb)
+                stall = b["staged"] / (d2h_gbps * gb)
                 gathered = f"{b['gathered_host'] / gb:7.1f}G" if backend.startswith("zero") else f"{'-':>8}"
                 print(f"{preset:9} {n / 1e9:6.2f}B {backend:7} {world:5} {rank / gb:8.3f} {b['total_bytes'] / gb:8.1f} "
                       f"{max(b['sync_host'].values()) / gb:8.3f}G {max(b['async_host'].values()) / gb:9.3f}G "

@@ -20,7 +20,8 @@ optimizer offload), siglip_flip and siglip_fsdp (SigLIP's ring loss with patch d
 micro-batches, under DDP / FSDP2), mae_fsdp, dino_fsdp and dino_zero3 (self-supervised ViT-B/16, their own
 configs) run on --gpus ranks; health (a NaN step skipped on the device, a profile) on one;
 resume continues async_save's run (else plain's) from its last checkpoint to more steps and checks
-that it did. --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
+that it did; zero_resume continues zero3's run the same way under ZeRO-2 (the partitions' ranges
+written by one stage, read by the other). --cpu leaves out the fp16 cases and, unless named, the compile ones. `--set KEY=VALUE`
 adds a config override to every case.
 
 Exit code: 0 when no case failed (skipped cases, e.g. ddp on one GPU, DeepSpeed not installed, or
@@ -63,6 +64,8 @@ CASES = {
     "grad_ckpt": (["model.grad_checkpointing=1"], False),
     "async_save": (["checkpoint.async_save=true"], False),  # + checkpoint.every = half the steps
     "resume": ([], False),  # continues async_save's (else plain's) run for more steps
+    # continues zero3's run under ZeRO-2: each rank reads its ranges of what ZeRO-3's ranks wrote
+    "zero_resume": (["parallel.backend=deepspeed", "parallel.zero_stage=2"], True),
     "plain_fp16": (["train.precision=fp16"], False),
     "zero2_fp16": (["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.precision=fp16"], True),
     "zero3_meta": (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.meta_init=true",
@@ -82,6 +85,7 @@ CASES = {
     # sync), a profile with a CUDA memory snapshot of steps 3-4
     "health": (["health.on_nan=skip", "health.inject_nan_at=5", "health.profile_steps=[3,4]"], False),
 }
+RESUMES = {"resume": ("async_save", "plain"), "zero_resume": ("zero3",)}  # a case: the runs it may continue
 SSL_CONFIGS = {"mae_fsdp": "configs/mae_vit_b16.yaml", "dino_fsdp": "configs/dino_vit_b16.yaml",
                "dino_zero3": "configs/dino_vit_b16.yaml"}
 # --cpu: the SSL cases on the tiny ViT with a small DINO head and 2 local crops
@@ -232,8 +236,8 @@ def skip_reason(name: str, args, ranks: int, results: dict) -> str | None:
         return "fp16 is for GPUs (--cpu checks fp32; DeepSpeed has no fp16 on CPU)"
     if args.cpu and name.startswith("compile") and not args.cases:
         return "a cold torch.compile costs 20-50 s on CPU: select it with --cases"
-    if name == "resume" and not any(results.get(s, {}).get("status") == "ok" for s in ("async_save", "plain")):
-        return "needs async_save or plain to have run ok first"
+    if name in RESUMES and not any(results.get(s, {}).get("status") == "ok" for s in RESUMES[name]):
+        return f"needs {' or '.join(RESUMES[name])} to have run ok first"
     return None
 
 
@@ -253,8 +257,8 @@ def run_case(name: str, args, spec: str, results: dict, deadline: float) -> dict
     overrides = list(overrides)
     if name == "async_save":
         overrides.append(f"checkpoint.every={max(1, args.steps // 2)}")
-    if name == "resume":  # a copy of the source run (its newest checkpoint only), so each case keeps its own
-        source = next(s for s in ("async_save", "plain") if results.get(s, {}).get("status") == "ok")
+    if name in RESUMES:  # a copy of the source run (its newest checkpoint only), so each case keeps its own
+        source = next(s for s in RESUMES[name] if results.get(s, {}).get("status") == "ok")
         latest = (args.out / "runs" / source / "checkpoints" / "latest").read_text().strip()
         shutil.copytree(args.out / "runs" / source, run_dir,
                         ignore=lambda _, names: [n for n in names if n.startswith("step_") and n != latest])
@@ -288,7 +292,7 @@ def run_case(name: str, args, spec: str, results: dict, deadline: float) -> dict
         row["status"] = "no metrics logged in metrics.jsonl"
     elif row["last_loss"] is None or not math.isfinite(row["last_loss"]):
         row["status"] = f"loss is not finite: {row['last_loss']}"
-    elif name == "resume" and not (re.search(rf"resumed from \S+ at step {after}\b", log.read_text())
+    elif name in RESUMES and not (re.search(rf"resumed from \S+ at step {after}\b", log.read_text())
                                    and row["last_step"] == steps):
         row["status"] = f"did not continue from step {after} to {steps} (no 'resumed from ... at step {after}')"
     return row

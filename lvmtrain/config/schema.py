@@ -55,8 +55,8 @@ class ModelConfig:
     name: str = "clip_debug"
     """Preset name (`lvmtrain models` lists them): vit_debug, vit_ti16, vit_s16, vit_b32, vit_b16,
     vit_l14, vit_h14, vit_g14, clip_debug, clip_b32, clip_b16, clip_l14, clip_h14, clip_g14,
-    siglip_debug, siglip_b16. A `vit_*` preset trains a classifier, a `clip_*` preset CLIP's InfoNCE, a `siglip_*`
-    preset the SigLIP sigmoid loss (`train.task` picks another objective)."""
+    siglip_debug, siglip_b16. A `vit_*` preset trains a classifier, a `clip_*` preset CLIP's
+    InfoNCE, a `siglip_*` preset the SigLIP sigmoid loss (`train.task` picks another objective)."""
     image_size: int | None = None
     """Input resolution in pixels; null keeps the preset's. Must be divisible by the patch size."""
     patch_size: int | None = None

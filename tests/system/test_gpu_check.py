@@ -39,10 +39,10 @@ def test_refuses_without_cuda_unless_cpu():
 
 
 def test_cpu_run_through_the_cli_is_ok_and_reported(tmp_path):
-    proc = gpu_check("--cpu", "--cases", "plain,zero2,resume", "--vs-open-clip", "--out", str(tmp_path))
+    proc = gpu_check("--cpu", "--cases", "plain,zero3,resume,zero_resume", "--vs-open-clip", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = table_rows(proc.stdout)
-    assert list(rows) == ["step_ours", "step_open_clip", "plain", "zero2", "resume"]
+    assert list(rows) == ["step_ours", "step_open_clip", "plain", "zero3", "resume", "zero_resume"]
     for line in rows.values():
         assert line.endswith("  ok"), line
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -53,15 +53,18 @@ def test_cpu_run_through_the_cli_is_ok_and_reported(tmp_path):
         assert f"{r['samples_per_s']:,.1f}" in rows[name]  # the table prints what the JSON holds
         if not name.startswith("step_"):
             assert 0 <= r["data_wait_share"] < 1 and r["peak_mem_gb"] > 0 and r["mfu"] > 0
-    assert cases["zero2"]["ranks"] == 1 and "torch.distributed.run" in (tmp_path / "logs" / "zero2.log").read_text()
+    assert cases["zero3"]["ranks"] == 1 and "torch.distributed.run" in (tmp_path / "logs" / "zero3.log").read_text()
     # The resume continued plain's checkpoint at step 8, in a copy of its run directory, to step 12.
     assert cases["resume"]["note"] == "resumes plain at step 8"
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "resume")] == [2, 4, 6, 8, 10, 12]
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "plain")] == [2, 4, 6, 8]
+    # ZeRO-3's partitions' ranges, read by ZeRO-2's
+    assert cases["zero_resume"]["note"] == "resumes zero3 at step 8"
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "zero_resume")] == [2, 4, 6, 8, 10, 12]
     assert cases["step_ours"]["params"] == cases["step_open_clip"]["params"]
     assert any("ours / open_clip" in n for n in report["notes"])
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "CPU, torch " in md.splitlines()[0] and "| zero2 | 1 |" in md
+    assert "CPU, torch " in md.splitlines()[0] and "| zero3 | 1 |" in md
 
 
 def test_failed_case_exits_1_with_its_error_line(tmp_path):
