@@ -38,6 +38,8 @@ class Strategy(Protocol):
     """The wrapped model, to call in the forward pass."""
     dims: Dims
     """This rank's place (rank, world, device)."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    """The learning-rate schedule; its optimizer's param groups hold the lr the next step uses."""
 
     def init_context(self) -> AbstractContextManager:
         """Context to build the plain model in (the meta device or `zero.Init` with
